@@ -1,0 +1,154 @@
+"""The `pcgpt` command: generate, inspect, train, eval, serve."""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# the checkpoints this project ships: the server's embedded default
+CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def _load(args):
+    import torch
+    from model.checkpoint import load_checkpoint
+    from model.device import resolve_device, resolve_dtype
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(getattr(args, "dtype", None), device)
+    torch.set_grad_enabled(False)
+    return load_checkpoint(args.model, meta_path=getattr(args, "meta", None), device=device, dtype=dtype)
+
+
+def cmd_generate(args) -> int:
+    from model.generate import generate
+    from model.sampling import SamplingParams
+    from model.tokenizer import IncrementalDetokenizer
+    model, tokenizer, _ = _load(args)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            min_p=args.min_p, seed=args.seed)
+    params.validate()
+    prompt_ids = tokenizer.encode(args.prompt)
+    max_tokens = min(args.max_tokens, model.config.block_size - len(prompt_ids))
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    detok = IncrementalDetokenizer(tokenizer)
+    for token, _, _ in generate(model, prompt_ids, max_tokens, params, settle_steps=args.settle_steps,
+                                eos_id=tokenizer.eos_id if args.stop_at_eos else None):
+        out.write(detok.push(token))
+        out.flush()
+    out.write(detok.flush() + "\n")
+    out.flush()
+    return 0
+
+
+def describe(model, tokenizer, metadata) -> dict:
+    """What `pcgpt inspect` prints and /v1/models reports about a loaded model."""
+    import torch
+    c = model.config
+    return {
+        "model_type": model.model_type,
+        "format": metadata.get("format"),
+        "config": c.to_dict(),
+        "parameters": model.num_params(non_embedding=False),
+        "parameters_non_embedding": model.num_params(),
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "context_length": c.block_size,
+        "kv_cache_bytes_per_token": model.kv_bytes_per_token(model.lm_head.weight.dtype),
+        "flops_per_token": model.flops_per_token(),
+        "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+        **{k: metadata[k] for k in ("training", "eval") if k in metadata},
+    }
+
+
+def cmd_inspect(args) -> int:
+    model, tokenizer, metadata = _load(args)
+    info = describe(model, tokenizer, metadata)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"model type        {info['model_type']} ({info['format']} checkpoint at {args.model})")
+    print("config            " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    print(f"parameters        {info['parameters']:,} ({info['parameters_non_embedding']:,} without position embeddings)")
+    print(f"tokenizer         {info['tokenizer']} ({info['vocab_size']} tokens)")
+    print(f"context length    {info['context_length']}")
+    print(f"KV cache          {info['kv_cache_bytes_per_token']:,} bytes per token ({info['dtype']})")
+    print(f"FLOPs per token   {info['flops_per_token']:,} (forward, attending to the full context)")
+    for key in ("training", "eval"):
+        if key in info:
+            print(f"{key:<18}{json.dumps(info[key], default=str)}")
+    return 0
+
+
+def _env(name, default):
+    """Every serve flag can come from the environment (PCGPT_PORT=...), for containers."""
+    return os.environ.get("PCGPT_" + name.upper(), default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pcgpt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p, positional=False):
+        if positional:
+            p.add_argument("model", help="checkpoint: pcgpt directory, nanoGPT ckpt.pt or HF GPT-2 directory")
+        else:
+            p.add_argument("--model", required=True, help="checkpoint: pcgpt directory, nanoGPT ckpt.pt or HF GPT-2 directory")
+        p.add_argument("--meta", help="nanoGPT meta.pkl with the char vocabulary (default: beside the checkpoint)")
+        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+        p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPUs that have it), float32, bfloat16, float16")
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--settle-steps", type=int, default=None, help="PC models: settling steps per token (default: the checkpoint's)")
+    g.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", help="print a checkpoint's type, config, size and costs")
+    model_args(i, positional=True)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    for register in _optional_commands():
+        register(sub, model_args, _env)
+    return parser
+
+
+def _optional_commands():
+    """Subcommands that live in their own modules (train, eval, serve)."""
+    registrars = []
+    for module_name in ("app.cli_train", "app.cli_serve"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        registrars.append(module.register)
+    return registrars
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from model.checkpoint import CheckpointError
+    from model.tokenizer import TokenizerError
+    try:
+        return args.func(args)
+    except (CheckpointError, TokenizerError, ValueError) as e:
+        print(f"pcgpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

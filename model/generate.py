@@ -1,0 +1,87 @@
+"""Prefill and decode, as separate functions, and the one-request generation loop.
+
+Both model types serve through `model.forward_cached(idx, input_pos, kv_cache, slots,
+settle_steps, last_only) -> (logits, stats)`; the baseline returns no stats, the PC model its
+settling diagnostics per row. Generation runs under no_grad rather than inference_mode: the PC
+model takes gradients with respect to its states while settling, which inference_mode forbids.
+"""
+
+from typing import Iterator
+
+import torch
+
+from model.sampling import BatchSampling, SamplingParams, apply_penalties, make_generator, sample_from_logits
+
+
+@torch.no_grad()
+def prefill(model, prompt: torch.Tensor, kv_cache, slot: int, settle_steps: int | None = None,
+            all_logits: bool = False):
+    """Runs the prompt (S,) through the model into cache slot `slot`.
+
+    Returns (logits, stats): logits (V,) of the last position, or (S, V) for every position
+    when all_logits (echo with prompt logprobs); stats hold the last position's diagnostics.
+    """
+    idx = prompt.view(1, -1)
+    input_pos = torch.arange(idx.shape[1], device=idx.device).view(1, -1)
+    slots = torch.tensor([slot], device=idx.device)
+    logits, stats = model.forward_cached(idx, input_pos, kv_cache, slots,
+                                         settle_steps=_as_row_tensor(settle_steps, 1, idx.device),
+                                         last_only=not all_logits)
+    return logits[0], {k: v[0] for k, v in stats.items()}
+
+
+@torch.no_grad()
+def decode(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache, slots: torch.Tensor,
+           settle_steps: torch.Tensor | None = None):
+    """One new token per row: tokens, input_pos and slots are (B,). Returns (logits (B, V), stats)."""
+    return model.forward_cached(tokens.view(-1, 1), input_pos.view(-1, 1), kv_cache, slots,
+                                settle_steps=settle_steps, last_only=True)
+
+
+def _as_row_tensor(value, rows: int, device):
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    return torch.full((rows,), int(value), device=device, dtype=torch.long)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams | None = None,
+             settle_steps: int | None = None, eos_id: int | None = None) -> Iterator[tuple[int, torch.Tensor, dict]]:
+    """Yields (token, logits, stats) for each new token of one request, KV-cached.
+
+    The same prefill, decode and sampling functions the server's engine batches, one row here.
+    """
+    params = params or SamplingParams()
+    device = model.lm_head.weight.device
+    block = model.config.block_size
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: at least one token is needed")
+    if len(prompt_ids) + max_new_tokens > block:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the context length {block}")
+    cache = model.new_cache(1, max_len=len(prompt_ids) + max_new_tokens)
+    prompt = torch.tensor(prompt_ids, device=device, dtype=torch.long)
+    batch = BatchSampling.from_params([params], device)
+    generator = [make_generator(params.seed, device)]
+    vocab = model.config.vocab_size
+    prompt_mask = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+    prompt_mask[0, prompt] = True
+    counts = torch.zeros(1, vocab, dtype=torch.long, device=device)
+
+    logits, stats = prefill(model, prompt, cache, 0, settle_steps)
+    logits = logits.view(1, -1)
+    pos = len(prompt_ids)
+    steps = None if settle_steps is None else torch.tensor([settle_steps], device=device)
+    for i in range(max_new_tokens):
+        raw = logits.float()
+        token = sample_from_logits(apply_penalties(raw, prompt_mask, counts, batch), batch, generator)
+        yield int(token), raw[0], stats
+        if eos_id is not None and int(token) == eos_id:
+            return
+        counts[0, token] += 1
+        if i + 1 == max_new_tokens:
+            return
+        logits, stats = decode(model, token, torch.tensor([pos], device=device), cache,
+                               torch.tensor([0], device=device), steps)
+        stats = {k: v[0] for k, v in stats.items()}
+        pos += 1

@@ -1,0 +1,305 @@
+"""The baseline GPT: nanoGPT's model, parameter for parameter, with a slot-based KV cache.
+
+Parameter names follow nanoGPT (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...), so
+nanoGPT's `ckpt.pt` and (after the Conv1D transposes) HuggingFace GPT-2 weights load unchanged.
+
+One forward serves every use:
+  - training / evaluation: `model(idx)` over whole sequences, causal attention, no cache;
+  - prefill: `model(idx, input_pos, kv_cache, slots)` writes the prompt's K/V into cache slots;
+  - decode: the same call with one new token per row, each row at its own position.
+"""
+
+import math
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence (context length) the position table covers
+    vocab_size: int = 50257  # number of token ids the embedding and the head cover
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block; n_embd must divide by it
+    n_embd: int = 768  # width of the residual stream
+    dropout: float = 0.0  # dropout probability during training; inference always runs without
+    bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them)
+    gelu_approximate: str = "none"  # "none" = exact erf GELU (nanoGPT); "tanh" = GPT-2's gelu_new (HF weights)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        """Builds a config from a dict, ignoring keys this config does not know (nanoGPT adds none today)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# GPT-2 sizes as OpenAI released them, plus small shapes that train and run on a CPU.
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, bias=True),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257, bias=True),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50257, bias=True),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257, bias=True),
+    # the shipped Shakespeare char models (vocab_size comes from the data: 65 characters)
+    "char-small": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=65, bias=False),
+    # nanoGPT's train_shakespeare_char.py shape, for those with more time
+    "char-baby": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False),
+    # for tests: a model that builds and runs in milliseconds
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=97, bias=True),
+}
+
+
+def preset_config(name: str, **overrides) -> GPTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's own has no bias=False before 2.1)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Preallocated keys and values for `n_slots` independent sequences.
+
+    Shape per tensor: (n_layer, n_slots, n_head, max_len, head_dim). A request owns one slot
+    for its whole life; rows of a batch name their slots and positions explicitly, so rows at
+    different lengths decode together and nothing is reallocated while decoding.
+    """
+
+    def __init__(self, config: GPTConfig, n_slots: int, max_len: int | None = None,
+                 device=None, dtype=torch.float32):
+        self.n_slots = n_slots
+        self.max_len = max_len or config.block_size
+        shape = (config.n_layer, n_slots, config.n_head, self.max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def bytes_per_token(self) -> int:
+        """K and V of one position in one slot, over all layers."""
+        return self.nbytes // (self.n_slots * self.max_len)
+
+    def write(self, layer: int, slots: torch.Tensor, input_pos: torch.Tensor,
+              k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stores k/v (B, H, S, D) of rows `slots` (B,) at positions `input_pos` (B, S)."""
+        rows = slots[:, None]
+        # advanced indices on dims 0 and 3 with a slice between: the indexed view is (B, S, H, D)
+        self.k[layer, rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer, rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+
+    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, length, D) of positions [0, length) for rows `slots`."""
+        if _is_contiguous_range(slots):
+            start = int(slots[0])
+            end = start + slots.shape[0]
+            return self.k[layer, start:end, :, :length], self.v[layer, start:end, :, :length]
+        return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
+
+
+def _is_contiguous_range(slots: torch.Tensor) -> bool:
+    # a view instead of a gather when the batch is slots a, a+1, ..., a+B-1 (the common case)
+    if slots.device.type != "cpu":
+        return False
+    n = slots.shape[0]
+    return n > 0 and bool((slots == torch.arange(int(slots[0]), int(slots[0]) + n)).all())
+
+
+def attention_mask(input_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Boolean mask (B, 1, S, length): a query at position p sees keys at positions <= p."""
+    key_pos = torch.arange(length, device=input_pos.device)
+    return (key_pos[None, None, None, :] <= input_pos[:, None, :, None])
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+
+    def qkv(self, x):
+        """Queries, keys and values (B, H, S, D) of the states x (B, S, C)."""
+        B, S, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        split = lambda t: t.view(B, S, self.n_head, C // self.n_head).transpose(1, 2)
+        return split(q), split(k), split(v)
+
+    def attend(self, q, k, v, mask=None):
+        """Attention output projected back to the residual stream; mask None means causal."""
+        B, H, S, D = q.shape
+        dropout = self.attn_dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, S, H * D)
+        return self.resid_dropout(self.c_proj(y))
+
+    def forward(self, x, layer=0, input_pos=None, kv_cache=None, slots=None):
+        q, k, v = self.qkv(x)
+        if kv_cache is None:
+            return self.attend(q, k, v)
+        kv_cache.write(layer, slots, input_pos, k, v)
+        # only the window up to the furthest position in the batch takes part
+        length = int(input_pos.max()) + 1
+        k_all, v_all = kv_cache.read(layer, slots, length)
+        return self.attend(q, k_all.to(q.dtype), v_all.to(q.dtype), attention_mask(input_pos, length))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate=config.gelu_approximate)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, layer=0, input_pos=None, kv_cache=None, slots=None):
+        x = x + self.attn(self.ln_1(x), layer, input_pos, kv_cache, slots)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    model_type = "gpt"
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying, as GPT-2 and nanoGPT do
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by nanoGPT's convention the position table is left out by default
+        (the token table counts, because it doubles as the output head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, context: int | None = None) -> int:
+        """Forward FLOPs for one token attending to `context` positions (default the full block)."""
+        c = self.config
+        T = context or c.block_size
+        return 2 * self.num_params() + 4 * c.n_layer * c.n_embd * T
+
+    def kv_bytes_per_token(self, dtype=torch.float32) -> int:
+        c = self.config
+        return 2 * c.n_layer * c.n_embd * torch.tensor([], dtype=dtype).element_size()
+
+    def embed(self, idx, input_pos=None):
+        """z_0: token plus position embedding of idx (B, S)."""
+        if input_pos is None:
+            input_pos = torch.arange(idx.shape[1], device=idx.device)[None, :]
+        if int(input_pos.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(input_pos.max())} is beyond the context of {self.config.block_size}")
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(input_pos))
+
+    def head(self, x):
+        """Logits of the final residual states x (..., C)."""
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def forward(self, idx, input_pos=None, kv_cache=None, slots=None):
+        """Logits (B, S, V) for tokens idx (B, S).
+
+        Without a cache: causal attention over the whole sequence (training, evaluation).
+        With a cache: `input_pos` (B, S) gives each token's position and `slots` (B,) the cache
+        row of each sequence; the new K/V are stored and attention reads the slot's history.
+        """
+        if kv_cache is not None:
+            assert input_pos is not None and slots is not None, "cached forward needs input_pos and slots"
+        x = self.embed(idx, input_pos)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, layer, input_pos, kv_cache, slots)
+        return self.head(x)
+
+    def forward_cached(self, idx, input_pos, kv_cache, slots, settle_steps=None, last_only=True):
+        """Cached forward for serving: (logits, stats). Logits are (B, V) of each row's last
+        token when last_only, else (B, S, V). The baseline has no per-token stats and no
+        settling; `settle_steps` is accepted so both model types share one call."""
+        x = self.embed(idx, input_pos)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, layer, input_pos, kv_cache, slots)
+        # the output head is the largest matmul for a small model: run it only where needed
+        return self.head(x[:, -1] if last_only else x), {}
+
+    def loss(self, idx, targets):
+        """Training loss: mean next-token cross-entropy (nats); returns (loss, extra info)."""
+        logits = self(idx)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1)), {}
+
+    def eval_loss(self, idx, targets):
+        return self.loss(idx, targets)[0]
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout for a training run (a checkpoint is saved and served without)."""
+        self.config.dropout = p
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            if isinstance(module, CausalSelfAttention):
+                module.attn_dropout = p
+
+    def new_cache(self, n_slots: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, n_slots, max_len, device=device or p.device, dtype=dtype or p.dtype)

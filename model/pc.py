@@ -1,0 +1,348 @@
+"""The predictive-coding GPT (model_type "pc"), after hybrid / bidirectional predictive coding.
+
+The baseline blocks f_1..f_L are the amortised bottom-up path, so every PC checkpoint holds a
+valid baseline GPT. Each layer adds a low-rank top-down generator g_l that predicts the layer
+below from the layer above, and a learned precision κ_l = exp(ρ_l).
+
+Value nodes: z_0 = token + position embedding (clamped, the observation), z_1..z_L the residual
+stream after each block (free). Logits come from z_L. The energy of one position is
+
+    E = Σ_l ½‖z_l − f_l(z_{l−1})‖² + Σ_l ½·κ_l·‖z_{l−1} − g_l(z_l)‖²
+
+At the feed-forward states the bottom-up errors are zero but the top-down ones are not, so
+settling (Jacobi-preconditioned gradient descent on z, with backtracking) moves z_L.
+
+Settle the readout, not the memory: attention keys and values of earlier positions are always the
+amortised (feed-forward) ones, the ones a baseline would cache. A settling position reads them
+and recomputes only its own q/k/v from its current z; so its energy depends on its own z alone,
+and settling every position at once (training, evaluation) equals settling each newest position
+in turn (cached decoding).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.gpt import GPT, GPTConfig, LayerNorm
+
+
+@dataclass
+class PCConfig(GPTConfig):
+    generator_rank: int = 0  # rank r of each top-down generator g_l; 0 means n_embd // 4
+    alpha: float = 0.1  # settling step size at inference (training passes its own)
+    default_settle_steps: int = 1  # settle steps when a request names none
+    max_settle_steps: int = 16  # the most settle steps a request may ask for
+    rho_max: float = 1.0  # cap on the log-precision ρ_l: κ_l ≤ e^rho_max (left free, κ runs away)
+    early_stop: float = 0.0  # stop a position once its energy falls by less than this fraction per step; 0 = off
+
+    @property
+    def rank(self) -> int:
+        return self.generator_rank or self.n_embd // 4
+
+
+class Generator(nn.Module):
+    """g_l: predicts z_{l−1} from z_l as a residual correction of rank r.
+
+    The output projection starts at zero, so an untrained generator predicts z_{l−1} = z_l.
+    """
+
+    def __init__(self, config: PCConfig):
+        super().__init__()
+        self.ln = LayerNorm(config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.rank, bias=config.bias)
+        self.c_proj = nn.Linear(config.rank, config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate=config.gelu_approximate)
+        nn.init.normal_(self.c_fc.weight, std=0.02)
+        nn.init.zeros_(self.c_proj.weight)
+        for lin in (self.c_fc, self.c_proj):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, z):
+        return z + self.c_proj(self.gelu(self.c_fc(self.ln(z))))
+
+
+def attend_with_past(attn, x, k_past, v_past, past_mask):
+    """Self-attention of settling positions x (B, S, C): each query attends to the amortised
+    keys/values of earlier positions (k_past, v_past: (B, H, Lk, D), visible where past_mask
+    (B, 1, S, Lk) is True) and to its own key/value recomputed from x."""
+    q, k, v = attn.qkv(x)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s_past = (q @ k_past.transpose(-2, -1) * scale).masked_fill(~past_mask, float("-inf"))
+    s_self = (q * k).sum(-1, keepdim=True) * scale
+    w = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1)
+    y = w[..., :-1] @ v_past + w[..., -1:] * v
+    B, H, S, D = y.shape
+    return attn.c_proj(y.transpose(1, 2).reshape(B, S, H * D))
+
+
+def block_with_past(block, x, k_past, v_past, past_mask):
+    """f_l for settling positions: the baseline block with attend_with_past."""
+    x = x + attend_with_past(block.attn, block.ln_1(x), k_past, v_past, past_mask)
+    return x + block.mlp(block.ln_2(x))
+
+
+class PCGPT(GPT):
+    model_type = "pc"
+
+    def __init__(self, config: PCConfig):
+        super().__init__(config)
+        self.generators = nn.ModuleList([Generator(config) for _ in range(config.n_layer)])
+        self.rho = nn.Parameter(torch.zeros(config.n_layer))  # κ_l = exp(ρ_l), starting at 1
+
+    @classmethod
+    def from_baseline(cls, base: GPT, **pc_options) -> "PCGPT":
+        """A PC model whose bottom-up path is `base`, with fresh generators and κ = 1."""
+        config = PCConfig(**base.config.to_dict(), **pc_options)
+        model = cls(config).to(base.lm_head.weight.device)
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith(("generators.", "rho")) for k in missing), (missing, unexpected)
+        return model
+
+    def generator_parameters(self):
+        yield from self.generators.parameters()
+        yield self.rho
+
+    def kappa(self) -> torch.Tensor:
+        """Precisions κ_1..κ_L (L,)."""
+        return torch.exp(self.rho.clamp(max=self.config.rho_max))
+
+    # --- energy and settling ------------------------------------------------------------------
+
+    def energy(self, z0, zs, pasts, past_mask, kappa):
+        """Energy per position (B, S) and the errors: z0 clamped, zs = [z_1..z_L] (B, S, C);
+        pasts[l] = (k, v) that layer l's attention reads for earlier positions."""
+        up, down = [], []
+        below = z0
+        for l, (block, gen) in enumerate(zip(self.transformer.h, self.generators)):
+            k_past, v_past = pasts[l]
+            up.append(zs[l] - block_with_past(block, below, k_past, v_past, past_mask))
+            down.append(below - gen(zs[l]))
+            below = zs[l]
+        e_up = torch.stack([(e * e).sum(-1) for e in up], dim=-1)  # (B, S, L)
+        e_down = torch.stack([(e * e).sum(-1) for e in down], dim=-1)
+        return 0.5 * e_up.sum(-1) + 0.5 * (kappa * e_down).sum(-1), e_up, e_down
+
+    def preconditioner(self, kappa) -> torch.Tensor:
+        """Jacobi diagonal D_l = π_l + κ_l + [l<L]·(κ_{l+1} + π_{l+1}), π = 1: (L,)."""
+        upper = torch.cat([kappa[1:] + 1.0, kappa.new_zeros(1)])
+        return 1.0 + kappa + upper
+
+    def settle(self, z0, zs, pasts, past_mask, steps, alpha, kappa=None, create_graph=False):
+        """Settles zs = [z_1..z_L] (B, S, C) for steps[b] steps per row (B,).
+
+        Gradient descent on E w.r.t. z only, divided by D_l, all layers in parallel. Backtracking:
+        a position whose energy would rise keeps its old z and halves its step size. With
+        config.early_stop > 0 a position stops once its energy falls by less than that fraction.
+        Returns (zs, info) with per-position energy0, energy, steps used, rejections and the
+        final squared error norms per layer.
+        """
+        kappa = self.kappa() if kappa is None else kappa
+        D = self.preconditioner(kappa)
+        B, S, _ = z0.shape
+        step_size = torch.full((B, S), float(alpha), device=z0.device, dtype=z0.dtype)
+        active = (steps.view(B, 1) > 0).expand(B, S).clone()
+        used = torch.zeros(B, S, dtype=torch.long, device=z0.device)
+        rejected = torch.zeros_like(used)
+        with torch.enable_grad():
+            if not create_graph:
+                zs = [z.detach().requires_grad_(True) for z in zs]
+            E, e_up, e_down = self.energy(z0, zs, pasts, past_mask, kappa)
+            E0 = E.detach()
+            max_steps = int(steps.max()) if steps.numel() else 0
+            grads = None
+            for t in range(max_steps):
+                active &= steps.view(B, 1) > t
+                if not active.any():
+                    break
+                if grads is None:
+                    grads = torch.autograd.grad(E.sum(), zs, create_graph=create_graph)
+                move = (step_size * active)[..., None]
+                z_new = [z - move * g / D[l] for l, (z, g) in enumerate(zip(zs, grads))]
+                if not create_graph:
+                    z_new = [z.detach().requires_grad_(True) for z in z_new]
+                E_new, up_new, down_new = self.energy(z0, z_new, pasts, past_mask, kappa)
+                accept = active & (E_new <= E)
+                reject = active & ~accept
+                grads_new = torch.autograd.grad(E_new.sum(), z_new, create_graph=create_graph) if t + 1 < max_steps else None
+                keep = accept[..., None]
+                if self.config.early_stop > 0:
+                    stalled = accept & ((E - E_new) < self.config.early_stop * E.abs())
+                else:
+                    stalled = torch.zeros_like(accept)
+                zs = [torch.where(keep, zn, zo) for zn, zo in zip(z_new, zs)]
+                if grads_new is not None:
+                    grads = [torch.where(keep, gn, go) for gn, go in zip(grads_new, grads)]
+                E = torch.where(accept, E_new, E)
+                e_up = torch.where(keep, up_new, e_up)
+                e_down = torch.where(keep, down_new, e_down)
+                step_size = torch.where(reject, step_size / 2, step_size)
+                used += active.long()
+                rejected += reject.long()
+                active &= ~stalled
+        if not create_graph:
+            zs = [z.detach() for z in zs]
+        info = {"energy0": E0, "energy": E.detach(), "steps": used, "rejected": rejected,
+                "err_up": e_up.detach(), "err_down": e_down.detach()}
+        return zs, info
+
+    # --- forward paths --------------------------------------------------------------------------
+
+    def feedforward(self, idx, input_pos=None, kv_cache=None, slots=None):
+        """Amortised states [z_0..z_L] (the baseline's residual stream), writing the cache if given."""
+        x = self.embed(idx, input_pos)
+        zs = [x]
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, layer, input_pos, kv_cache, slots)
+            zs.append(x)
+        return zs
+
+    def parallel_context(self, zs):
+        """For every position at once: each layer's amortised keys/values and a strictly-causal
+        mask (a position sees the amortised K/V of earlier positions only)."""
+        pasts = []
+        for l, block in enumerate(self.transformer.h):
+            _, k, v = block.attn.qkv(block.ln_1(zs[l]))
+            pasts.append((k, v))
+        S = zs[0].shape[1]
+        pos = torch.arange(S, device=zs[0].device)
+        mask = (pos[None, :] < pos[:, None])[None, None]
+        return pasts, mask
+
+    def cached_context(self, kv_cache, slots, query_pos):
+        """Keys/values of earlier positions from the cache, for queries at query_pos (B, S)."""
+        length = max(int(query_pos.max()), 1)
+        pasts = [kv_cache.read(l, slots, length) for l in range(self.config.n_layer)]
+        key_pos = torch.arange(length, device=query_pos.device)
+        mask = key_pos[None, None, None, :] < query_pos[:, None, :, None]
+        return [(k.to(self.lm_head.weight.dtype), v.to(self.lm_head.weight.dtype)) for k, v in pasts], mask
+
+    def _steps(self, settle_steps, batch, device):
+        if settle_steps is None:
+            settle_steps = self.config.default_settle_steps
+        if not isinstance(settle_steps, torch.Tensor):
+            settle_steps = torch.full((batch,), int(settle_steps), dtype=torch.long)
+        return settle_steps.to(device=device, dtype=torch.long).view(batch)
+
+    def settled_forward(self, idx, settle_steps=None, alpha=None, create_graph=False):
+        """Parallel path (training, evaluation): every position settles at once.
+        Returns (settled logits, unsettled logits, info) with per-position info (B, S)."""
+        zs = self.feedforward(idx)
+        steps = self._steps(settle_steps, idx.shape[0], idx.device)
+        pasts, mask = self.parallel_context(zs)
+        kappa = self.kappa()
+        settled, info = self.settle(zs[0], zs[1:], pasts, mask, steps, alpha or self.config.alpha,
+                                    kappa=kappa.detach() if create_graph else kappa, create_graph=create_graph)
+        return self.head(settled[-1]), self.head(zs[-1]), info
+
+    def forward(self, idx, input_pos=None, kv_cache=None, slots=None, settle_steps=None):
+        """Logits like GPT.forward; uncached calls settle every position (default steps)."""
+        if kv_cache is not None:
+            logits, _ = self.forward_cached(idx, input_pos, kv_cache, slots, settle_steps, last_only=False)
+            return logits
+        return self.settled_forward(idx, settle_steps)[0]
+
+    def forward_cached(self, idx, input_pos, kv_cache, slots, settle_steps=None, last_only=True):
+        """Serving: the amortised pass writes the cache, then the newest position of each row
+        settles (every given position when not last_only). Returns (logits, stats) with
+        per-row stats (per position when not last_only)."""
+        zs = self.feedforward(idx, input_pos, kv_cache, slots)
+        if last_only:
+            zs = [z[:, -1:] for z in zs]
+            input_pos = input_pos[:, -1:]
+        steps = self._steps(settle_steps, idx.shape[0], idx.device)
+        pasts, mask = self.cached_context(kv_cache, slots, input_pos)
+        settled, info = self.settle(zs[0], zs[1:], pasts, mask, steps, self.config.alpha)
+        logits, logits0 = self.head(settled[-1]), self.head(zs[-1])
+        stats = self.uncertainty(logits, logits0, info)
+        if last_only:
+            return logits[:, 0], {k: v[:, 0] for k, v in stats.items()}
+        return logits, stats
+
+    def uncertainty(self, logits, logits0, info) -> dict:
+        """Per-position diagnostics of the settling, in the units the API reports."""
+        units = self.config.n_layer * self.config.n_embd
+        d = self.config.n_embd
+        logp, logp0 = F.log_softmax(logits.float(), -1), F.log_softmax(logits0.float(), -1)
+        return {
+            "energy0": info["energy0"] / units,  # energy per free unit before settling
+            "energy": info["energy"] / units,  # ... and after
+            "kl_settle": (logp.exp() * (logp - logp0)).sum(-1).clamp_min(0) / math.log(2),  # bits
+            "steps": info["steps"],
+            "rejected": info["rejected"],
+            "err_up": (info["err_up"] / d).sqrt(),  # RMS bottom-up error per layer (L,)
+            "err_down": (info["err_down"] / d).sqrt(),  # RMS top-down error per layer (L,)
+        }
+
+    # --- training -------------------------------------------------------------------------------
+
+    def loss_options(self, cfg) -> dict:
+        return {"k_max": cfg.pc_k_max, "lambda0": cfg.pc_lambda0, "lambda_energy": cfg.pc_lambda_energy,
+                "alpha": cfg.pc_alpha, "learning": cfg.pc_learning}
+
+    def loss(self, idx, targets, k_max=2, lambda0=0.5, lambda_energy=0.01, alpha=0.25, learning="backprop"):
+        """CE of the settled prediction (through K ~ U{0..k_max} unrolled steps) + λ0·CE of the
+        unsettled one + λE·free energy at the detached settled states. κ stays out of the CE
+        path (detached there) so the task loss cannot switch settling off; it learns only from
+        the free energy, whose minimum is κ* = d / E‖δ‖²."""
+        if learning == "local":
+            return self.local_loss(idx, targets, k_max=k_max, alpha=alpha)
+        K = int(torch.randint(0, k_max + 1, ()).item()) if k_max > 0 else 0
+        V = self.config.vocab_size
+        zs = self.feedforward(idx)
+        pasts, mask = self.parallel_context(zs)
+        steps = torch.full((idx.shape[0],), K, dtype=torch.long, device=idx.device)
+        settled, info = self.settle(zs[0], zs[1:], pasts, mask, steps, alpha,
+                                    kappa=self.kappa().detach(), create_graph=True)
+        ce_settled = F.cross_entropy(self.head(settled[-1]).view(-1, V), targets.view(-1))
+        ce0 = F.cross_entropy(self.head(zs[-1]).view(-1, V), targets.view(-1)) if K > 0 else ce_settled
+        free = self.free_energy(zs[0].detach(), [z.detach() for z in settled], pasts, mask)
+        loss = ce_settled + lambda0 * ce0 + lambda_energy * free
+        return loss, {"K": K, "ce": ce_settled.item(), "F": free.item(), "kappa": self.kappa().mean().item()}
+
+    def free_energy(self, z0, zs, pasts, past_mask):
+        """Mean per position of E minus the Gaussian log-normaliser of the precisions, (d/2)·log κ_l:
+        its gradient trains f_l to predict z_l, g_l to predict z_{l−1}, and κ_l its likelihood."""
+        kappa = self.kappa()
+        E, _, _ = self.energy(z0, zs, [(k.detach(), v.detach()) for k, v in pasts], past_mask, kappa)
+        log_norm = 0.5 * self.config.n_embd * torch.log(kappa).sum()
+        return (E - log_norm).mean() / self.config.n_embd
+
+    def local_loss(self, idx, targets, k_max=2, alpha=0.25):
+        """Local learning (iPC-style): settle the states with the target clamped at the output,
+        then update each block, generator and precision from its own error only (states
+        detached), and the readout from its CE at the detached top state."""
+        V = self.config.vocab_size
+        with torch.no_grad():
+            zs = self.feedforward(idx)
+            pasts, mask = self.parallel_context(zs)
+        zs = [z.detach() for z in zs]
+        pasts = [(k.detach(), v.detach()) for k, v in pasts]
+        steps = torch.full((idx.shape[0],), k_max, dtype=torch.long, device=idx.device)
+        settled, _ = self.settle(zs[0], zs[1:], pasts, mask, steps, alpha, kappa=self.kappa().detach())
+        states = [zs[0]] + settled
+        loss = self.local_terms(states, pasts, mask, targets)
+        return loss, {"K": k_max}
+
+    def local_terms(self, states, pasts, mask, targets):
+        """Σ_l own-error terms of each part at detached states: block l's bottom-up error,
+        generator l's top-down error with its precision's likelihood, and the readout CE."""
+        kappa = self.kappa()
+        d = self.config.n_embd
+        total = 0.0
+        for l, (block, gen) in enumerate(zip(self.transformer.h, self.generators)):
+            below, here = states[l].detach(), states[l + 1].detach()
+            k_past, v_past = pasts[l]
+            e_up = here - block_with_past(block, below, k_past.detach(), v_past.detach(), mask)
+            e_down = below - gen(here)
+            total = total + 0.5 * (e_up * e_up).sum(-1).mean() / d
+            total = total + (0.5 * kappa[l] * (e_down * e_down).sum(-1).mean() - 0.5 * d * torch.log(kappa[l])) / d
+        logits = self.head(states[-1].detach())
+        return total + F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    def eval_loss(self, idx, targets):
+        logits, _, _ = self.settled_forward(idx)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
