@@ -4,10 +4,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
-
-# the checkpoints this project ships: the server's embedded default
-CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
 def _load(args):

@@ -283,3 +283,58 @@ def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     lp = logprobs(logits)
     values, ids = torch.topk(lp, min(int(k), lp.shape[-1]), dim=-1)
     return values, ids
+
+
+# ---------------------------------------------------------------------------------------------------
+# error-driven sampling: surprise feedback after mirostat v2, temperature from the model's precision
+
+
+@dataclass
+class ErrorDrivenParams:
+    """Per-request settings of the error-driven sampler (DESIGN.md §5)."""
+
+    tau: float = 5.0  # target surprise per token, bits (char models: the checkpoint's val CE in bits)
+    eta: float = 0.1  # learning rate of the surprise threshold μ
+    lam: float = 0.5  # how strongly the error signal sets the precision (0 = fixed temperature)
+    base_temperature: float = 1.0  # T0: the temperature at precision 1
+    mu0: float | None = None  # initial threshold; None = 2τ (mirostat v2); inf keeps every token
+    m0: float | None = None  # initial running log-mean of the error signal; None = the first one seen
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.tau) and 0 < self.tau <= 64):
+            raise ValueError(f"mirostat_tau must be in (0, 64] bits, got {self.tau}")
+        if not (math.isfinite(self.eta) and 0 <= self.eta <= 10):
+            raise ValueError(f"mirostat_eta must be in [0, 10], got {self.eta}")
+        if not (math.isfinite(self.lam) and 0 <= self.lam <= 10):
+            raise ValueError(f"the precision gain must be in [0, 10], got {self.lam}")
+        if not (math.isfinite(self.base_temperature) and 0 < self.base_temperature <= 100):
+            raise ValueError(f"temperature for the error-driven sampler must be in (0, 100], got {self.base_temperature}")
+
+
+def error_driven_precision(error: torch.Tensor, log_mean: torch.Tensor, lam: torch.Tensor):
+    """γ_t = clip(exp(−λ·(log ε_t − m)), 0.5, 2) and the updated m ← 0.95·m + 0.05·log ε_t.
+
+    A prediction more uncertain than usual (ε above its running mean) gets a lower precision and
+    so a higher temperature; all arguments are per-row (B,) tensors."""
+    log_error = torch.log(error.clamp_min(1e-6))
+    precision = torch.exp(-lam * (log_error - log_mean)).clamp(0.5, 2.0)
+    return precision, 0.95 * log_mean + 0.05 * log_error
+
+
+def surprise_filter(logits: torch.Tensor, temperature: torch.Tensor, mu: torch.Tensor):
+    """Mirostat v2's truncation: keeps the tokens whose surprise −log2 p under the tempered
+    distribution is at most μ (always the most likely one). Returns (filtered logits, n_kept)."""
+    scaled = logits.float() / temperature.clamp_min(1e-6)[:, None]
+    surprise = -torch.log_softmax(scaled, dim=-1) / _LN2
+    keep = surprise <= mu[:, None]
+    keep.scatter_(1, logits.argmax(dim=-1, keepdim=True), True)
+    return logits.float().masked_fill(~keep, float("-inf")), keep.sum(dim=-1)
+
+
+def update_mu(mu: torch.Tensor, filtered: torch.Tensor, temperature: torch.Tensor, chosen: torch.Tensor,
+              tau: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """μ ← μ − η·(s_t − τ), with s_t the surprise of the chosen token under the truncated,
+    renormalised distribution it was drawn from (as llama.cpp's mirostat v2 measures it)."""
+    scaled = filtered / temperature.clamp_min(1e-6)[:, None]
+    s = -torch.log_softmax(scaled, dim=-1).gather(1, chosen.view(-1, 1)).squeeze(1) / _LN2
+    return mu - eta * (s - tau)

@@ -1,0 +1,78 @@
+"""`pcgpt serve`: load the models, then run the HTTP service under uvicorn."""
+
+import logging
+import sys
+
+
+def register(sub, model_args, env):
+    from app.config import ServerConfig
+    d = ServerConfig()
+    s = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API",
+                       description="Every flag can also come from an environment variable PCGPT_<FLAG> "
+                                   "(e.g. PCGPT_PORT, PCGPT_API_KEY, PCGPT_MODEL='a=/path,b=/path').")
+    s.add_argument("--model", action="append", metavar="NAME=PATH",
+                   default=[m for m in env("model", "").split(",") if m] or None,
+                   help="serve the checkpoint at PATH as NAME (repeatable); default: both shipped checkpoints")
+    s.add_argument("--host", default=env("host", d.host))
+    s.add_argument("--port", type=int, default=int(env("port", d.port)))
+    s.add_argument("--device", default=env("device", d.device))
+    s.add_argument("--dtype", default=env("dtype", d.dtype))
+    s.add_argument("--max-batch-size", type=int, default=int(env("max_batch_size", d.max_batch_size)))
+    s.add_argument("--max-queue", type=int, default=int(env("max_queue", d.max_queue)))
+    s.add_argument("--api-key", default=env("api_key", None))
+    s.add_argument("--max-body-bytes", type=int, default=int(env("max_body_bytes", d.max_body_bytes)))
+    s.add_argument("--max-prompt-chars", type=int, default=int(env("max_prompt_chars", d.max_prompt_chars)))
+    s.add_argument("--cors-origin", action="append", default=[o for o in env("cors_origins", "").split(",") if o],
+                   help="allow this browser origin (repeatable); CORS is closed by default")
+    s.add_argument("--drain-seconds", type=float, default=float(env("drain_seconds", d.drain_seconds)))
+    s.add_argument("--threads", type=int, default=int(env("threads", d.threads)))
+    s.add_argument("--log-level", default=env("log_level", "info"))
+    s.set_defaults(func=cmd_serve)
+
+
+def parse_models(specs) -> dict:
+    from app.config import DEFAULT_MODELS
+    if not specs:
+        return dict(DEFAULT_MODELS)
+    models = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--model takes NAME=PATH, got {spec!r}")
+        if name in models:
+            raise ValueError(f"model name {name!r} given twice")
+        models[name] = path
+    return models
+
+
+def cmd_serve(args) -> int:
+    import torch
+    import uvicorn
+    from app.config import ServerConfig
+    from app.server import create_app
+    from model.checkpoint import load_checkpoint
+    from model.device import resolve_device, resolve_dtype
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(models=parse_models(args.model), host=args.host, port=args.port, device=args.device,
+                          dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                          api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
+                          max_prompt_chars=args.max_prompt_chars, cors_origins=args.cors_origin,
+                          drain_seconds=args.drain_seconds, threads=args.threads)
+    if config.max_batch_size < 1 or config.max_queue < 0:
+        raise ValueError("--max-batch-size must be at least 1 and --max-queue at least 0")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    loaded = {}
+    for name, path in config.models.items():
+        model, tokenizer, metadata = load_checkpoint(path, device=device, dtype=dtype)
+        model.requires_grad_(False)  # serving never trains; PC settling takes gradients w.r.t. states only
+        loaded[name] = (model, tokenizer, metadata)
+        logging.getLogger("pcgpt").info("loaded %s (%s, %s) from %s on %s", name, model.model_type,
+                                        f"{model.num_params(False):,} parameters", path, device)
+    app = create_app(config, loaded)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=int(config.drain_seconds) or None)
+    return 0

@@ -1,0 +1,75 @@
+"""Prometheus metrics (DESIGN.md §8), every series labelled by model.
+
+Buckets start at 0.5 ms, fine enough for a 4-layer char model on a CPU, and reach minutes, wide
+enough for a 124M model on a CPU under load.
+"""
+
+import os
+import resource
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the route)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+                   0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+STEP_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16)
+BITS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20)
+ENERGY_BUCKETS = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 100)
+
+
+class Metrics:
+    """All series of one server process; the engine and routes call these, tests read /metrics."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        m = ["model"]
+        self.requests = Counter("pcgpt_requests", "Finished requests (choices) by finish reason", m + ["finish_reason"], registry=r)
+        self.errors = Counter("pcgpt_request_errors", "Requests answered with an error, by error type", m + ["type"], registry=r)
+        self.ttft = Histogram("pcgpt_time_to_first_token_seconds", "Arrival to first generated token",
+                              m, buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("pcgpt_inter_token_latency_seconds", "Time between consecutive tokens of a request",
+                             m, buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("pcgpt_e2e_request_latency_seconds", "Arrival to last token",
+                             m, buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("pcgpt_request_queue_time_seconds", "Arrival to admission into the running batch",
+                                    m, buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("pcgpt_prompt_tokens", "Prompt tokens prefilled", m, registry=r)
+        self.generation_tokens = Counter("pcgpt_generation_tokens", "Tokens generated", m, registry=r)
+        self.running = Gauge("pcgpt_num_requests_running", "Sequences in the running batch", m, registry=r)
+        self.waiting = Gauge("pcgpt_num_requests_waiting", "Sequences waiting for a slot", m, registry=r)
+        self.batch_size = Histogram("pcgpt_batch_size", "Rows per decode step", m, buckets=BATCH_BUCKETS, registry=r)
+        self.kv_usage = Gauge("pcgpt_kv_cache_usage_ratio", "Fraction of KV-cache positions held by running sequences", m, registry=r)
+        self.kv_bytes = Gauge("pcgpt_kv_cache_bytes", "KV-cache bytes: allocated in all, and used by running sequences", m + ["state"], registry=r)
+        self.device_memory = Gauge("pcgpt_device_memory_bytes", "CUDA memory allocated / reserved by PyTorch", m + ["kind"], registry=r)
+        self.rss = Gauge("pcgpt_process_resident_memory_bytes", "Resident memory of the server process", registry=r)
+        self.rss_peak = Gauge("pcgpt_process_peak_resident_memory_bytes", "Peak resident memory of the server process", registry=r)
+        self.settle_steps = Histogram("pcgpt_settle_steps", "Settle steps used per generated token", m, buckets=STEP_BUCKETS, registry=r)
+        self.entropy = Histogram("pcgpt_token_entropy_bits", "Entropy of each next-token prediction", m, buckets=BITS_BUCKETS, registry=r)
+        self.surprise = Histogram("pcgpt_token_surprise_bits", "Surprise of each generated token", m, buckets=BITS_BUCKETS, registry=r)
+        self.energy = Histogram("pcgpt_token_energy", "PC energy per unit after settling, per generated token", m, buckets=ENERGY_BUCKETS, registry=r)
+        self.decode_steps = Counter("pcgpt_decode_steps", "Batched decode steps run", m, registry=r)
+        self.model_info = Info("pcgpt_model", "The loaded models", m, registry=r)
+
+    def register_model(self, name: str, info: dict) -> None:
+        self.model_info.labels(model=name).info({k: str(v) for k, v in info.items()})
+        # touch every labelled series so dashboards see zeros before the first request
+        for series in (self.ttft, self.itl, self.e2e, self.queue_time, self.prompt_tokens, self.generation_tokens,
+                       self.running, self.waiting, self.batch_size, self.kv_usage, self.settle_steps, self.entropy,
+                       self.surprise, self.energy, self.decode_steps):
+            series.labels(model=name)
+        for state in ("allocated", "used"):
+            self.kv_bytes.labels(model=name, state=state)
+
+    def render(self) -> bytes:
+        self._sample_process()
+        return generate_latest(self.registry)
+
+    def _sample_process(self) -> None:
+        try:
+            with open(f"/proc/{os.getpid()}/statm") as f:
+                self.rss.set(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+        except OSError:
+            pass
+        self.rss_peak.set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

@@ -1,0 +1,101 @@
+"""Request bodies of the OpenAI-compatible API (pydantic lives only here, at the HTTP boundary).
+
+OpenAI's fields keep OpenAI's names, defaults and ranges; pcgpt's extensions are additions.
+Unknown fields are refused (400), as OpenAI does, so a typo never silently falls back to a default.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP = 16
+MAX_N = 16
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256)
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 = greedy")
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    n: int | None = Field(1, ge=1, le=MAX_N)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    user: str | None = Field(None, max_length=256)
+    # --- pcgpt extensions ---
+    top_k: int | None = Field(0, ge=0, le=1_000_000, description="keep the k most likely tokens (ties kept); 0 = off")
+    min_p: float | None = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="keep tokens with p >= min_p * p_max")
+    repetition_penalty: float | None = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False,
+                                             description="divide (multiply) positive (negative) logits of seen tokens")
+    settle_steps: int | None = Field(None, ge=0, le=16, description="PC models: settling steps per token; default the checkpoint's")
+    sampler: Literal["standard", "error_driven"] = "standard"
+    mirostat_tau: float | None = Field(None, gt=0.0, le=64.0, allow_inf_nan=False,
+                                       description="error-driven sampler: target surprise in bits (default: the checkpoint's)")
+    mirostat_eta: float | None = Field(None, ge=0.0, le=10.0, allow_inf_nan=False,
+                                       description="error-driven sampler: learning rate of the surprise threshold (default 0.1)")
+    uncertainty: bool = Field(False, description="add per-token uncertainty to each choice and stream chunk")
+    truncate_prompt_tokens: int | None = Field(None, ge=1, le=1_000_000,
+                                               description="keep only the last N prompt tokens (and fewer if the context needs)")
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        if any(len(s) > 256 for s in stops):
+            raise ValueError("stop strings must be at most 256 characters")
+        return stops
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text, texts, token ids or lists of ids")
+    max_tokens: int | None = Field(16, ge=0, le=1_000_000, description="0 only with echo: score the prompt")
+    logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives per token (of the raw distribution)")
+    echo: bool | None = False
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = Field(None, max_length=64)
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None

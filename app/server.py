@@ -1,0 +1,212 @@
+"""The HTTP service: an OpenAI-compatible API over one engine per loaded model.
+
+Routes are thin: they validate (pydantic, schemas.py), turn a request into engine Requests
+(service.py), and turn engine events into OpenAI-shaped bodies or SSE chunks.
+"""
+
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.config import ServerConfig
+from app.engine import Engine
+from app.metrics import CONTENT_TYPE_LATEST, Metrics
+from app.schemas import ChatCompletionRequest, CompletionRequest
+from app import service
+from app.service import APIError
+
+log = logging.getLogger("pcgpt.server")
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_, "param": param,
+                                                               "code": code}})
+
+
+class BodySizeLimit:
+    """413 for bodies over the limit, whether announced by Content-Length or streamed chunked."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_large = error_response(413, f"request body is larger than {self.max_bytes} bytes",
+                                   "invalid_request_error", None, "request_too_large")
+        if declared is not None:
+            try:
+                if int(declared) > self.max_bytes:
+                    return await too_large(scope, receive, send)
+            except ValueError:
+                return await error_response(400, "invalid Content-Length header", "invalid_request_error")(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await too_large(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
+    """`loaded`: served name -> (model, tokenizer, metadata), already on their device."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engines = {}
+        for name, (model, tokenizer, metadata) in loaded.items():
+            engine = Engine(name, model, tokenizer, metrics, max_batch_size=config.max_batch_size,
+                            max_queue=config.max_queue, sampler_defaults=metadata.get("sampler") or {})
+            engine.start()
+            engines[name] = engine
+            metrics.register_model(name, service.model_card(name, engine, metadata))
+        app.state.engines = engines
+        app.state.metadata = {name: m for name, (_, _, m) in loaded.items()}
+        app.state.shutting_down = False
+        yield
+        # SIGTERM: uvicorn stops accepting, then we drain the engines (bounded) before exiting
+        app.state.shutting_down = True
+        for engine in engines.values():
+            engine.stop_admitting()
+        for engine in engines.values():
+            engine.shutdown(config.drain_seconds)
+
+    app = FastAPI(title="pcgpt", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible server for nanoGPT-family and predictive-coding GPT models, "
+                              "with per-token uncertainty.")
+    app.state.config = config
+    app.state.metrics = metrics
+    app.state.engines = {}
+    app.state.shutting_down = False
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        _count_error(request, e.type)
+        return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        _count_error(request, "invalid_request_error")
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}"
+            loc = []
+        elif loc:
+            message = f"{'.'.join(loc)}: {message}"
+        return error_response(400, message, "invalid_request_error", ".".join(loc) or None, first.get("type"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(e.status_code, str(e.detail), type_)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        log.exception("unhandled error")
+        _count_error(request, "server_error")
+        return error_response(500, f"internal error: {type(e).__name__}", "server_error")
+
+    def _count_error(request: Request, type_: str) -> None:
+        model = getattr(request.state, "model_name", None) or "none"
+        metrics.errors.labels(model=model, type=type_).inc()
+
+    def require_api_key(request: Request) -> None:
+        if not config.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           "invalid_request_error", None, "invalid_api_key")
+
+    def engine_for(request: Request, name: str) -> Engine:
+        request.state.model_name = name if name in request.app.state.engines else None
+        engines = request.app.state.engines
+        if name not in engines:
+            raise APIError(404, f"model {name!r} does not exist; available: {', '.join(engines) or 'none'}",
+                           "invalid_request_error", "model", "model_not_found")
+        engine = engines[name]
+        if request.app.state.shutting_down or not engine.alive:
+            raise APIError(503, f"model {name!r} is not available " +
+                           ("(shutting down)" if request.app.state.shutting_down else f"(engine stopped: {engine.dead})"),
+                           "server_error", None, "model_unavailable")
+        return engine
+
+    @app.get("/health", summary="liveness: the process answers")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="readiness: models loaded and every engine running (503 otherwise)")
+    async def ready(request: Request):
+        engines = request.app.state.engines
+        status = {name: ("running" if e.alive else f"dead: {e.dead or 'not started'}") for name, e in engines.items()}
+        ok = bool(engines) and all(e.alive for e in engines.values()) and not request.app.state.shutting_down
+        body = {"status": "ready" if ok else "not ready", "models": status}
+        return JSONResponse(status_code=200 if ok else 503, content=body)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics_route():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(require_api_key)], summary="the loaded models")
+    async def list_models(request: Request):
+        return {"object": "list", "data": [service.model_card(n, e, request.app.state.metadata[n])
+                                            for n, e in request.app.state.engines.items()]}
+
+    @app.get("/v1/models/{model_id}", dependencies=[Depends(require_api_key)], summary="one loaded model")
+    async def get_model(request: Request, model_id: str):
+        engines = request.app.state.engines
+        if model_id not in engines:
+            raise APIError(404, f"model {model_id!r} does not exist", "invalid_request_error", "model", "model_not_found")
+        return service.model_card(model_id, engines[model_id], request.app.state.metadata[model_id])
+
+    @app.post("/v1/completions", dependencies=[Depends(require_api_key)], summary="text completion (OpenAI)")
+    async def completions(body: CompletionRequest, request: Request):
+        engine = engine_for(request, body.model)
+        job = service.completion_job(body, engine, config)
+        return await _run(job, engine, request)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], summary="chat completion (OpenAI)")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        engine = engine_for(request, body.model)
+        job = service.chat_job(body, engine, config)
+        return await _run(job, engine, request)
+
+    async def _run(job, engine, request):
+        job.submit()
+        if job.stream:
+            return StreamingResponse(job.sse(request), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await job.collect(request)
+
+    return app
