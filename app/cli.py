@@ -25,6 +25,12 @@ def cmd_generate(args) -> int:
                             min_p=args.min_p, seed=args.seed)
     params.validate()
     prompt_ids = tokenizer.encode(args.prompt)
+    # checked before anything reaches stdout, so a failure never leaves half an output behind
+    if args.max_tokens < 0:
+        raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if len(prompt_ids) >= model.config.block_size:
+        raise ValueError(f"the prompt is {len(prompt_ids)} tokens, which leaves no room in the context "
+                         f"length {model.config.block_size}")
     max_tokens = min(args.max_tokens, model.config.block_size - len(prompt_ids))
     out = sys.stdout
     out.write(args.prompt)
@@ -114,23 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
-    for register in _optional_commands():
-        register(sub, model_args, _env)
+    # train, eval and serve live in their own modules
+    from app import cli_serve, cli_train
+    cli_train.register(sub, model_args, _env)
+    cli_serve.register(sub, model_args, _env)
     return parser
-
-
-def _optional_commands():
-    """Subcommands that live in their own modules (train, eval, serve)."""
-    registrars = []
-    for module_name in ("app.cli_train", "app.cli_serve"):
-        try:
-            module = __import__(module_name, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue
-        registrars.append(module.register)
-    return registrars
 
 
 def main(argv=None) -> int:

@@ -59,6 +59,7 @@ class TrainConfig:
     pc_lambda_energy: float = 0.01  # weight of the free energy at the detached settled states
     pc_alpha: float = 0.25  # settling step size while training
     pc_default_settle_steps: int = 1  # stored in the checkpoint as the serving default
+    pc_rho_lr_scale: float = 0.1  # the precisions' learning rate relative to the rest: learned at full speed κ runs away
     command: str = field(default="", repr=False)  # the command line that started this run, recorded in the checkpoint
 
 
@@ -86,13 +87,17 @@ def lr_at(it: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def make_optimizer(params, cfg: TrainConfig, device):
-    """AdamW; weight decay only on parameters with 2+ dimensions (matrices and embeddings)."""
-    params = [p for p in params if p.requires_grad]
+def make_optimizer(params, cfg: TrainConfig, device, slow_params=()):
+    """AdamW; weight decay only on parameters with 2+ dimensions (matrices and embeddings).
+    `slow_params` (the PC precisions) learn at pc_rho_lr_scale times the rate, without decay."""
+    slow = {id(p) for p in slow_params}
+    params = [p for p in params if p.requires_grad and id(p) not in slow]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
+    if slow:
+        groups.append({"params": list(slow_params), "weight_decay": 0.0, "lr_scale": cfg.pc_rho_lr_scale})
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
@@ -159,7 +164,7 @@ def train(cfg: TrainConfig) -> dict:
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-    optimizer = make_optimizer(params, cfg, device)
+    optimizer = make_optimizer(params, cfg, device, slow_params=[model.rho] if cfg.model_type == "pc" else [])
     amp_dtype = resolve_dtype(cfg.dtype, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if device.type == "cuda" and amp_dtype != torch.float32 else nullcontext()
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp_dtype == torch.float16)
@@ -200,7 +205,7 @@ def train(cfg: TrainConfig) -> dict:
             break
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         info = {}
         for _ in range(cfg.grad_accum):
             x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, batch_gen, device)
