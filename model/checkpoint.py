@@ -173,9 +173,12 @@ def _torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        # torch's message is a long advice text; the line that names the offending global is the useful one
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "WeightsUnpickler error" in line), lines[-1] if lines else "")
+        detail = detail.removeprefix("WeightsUnpickler error:").split(". Please use")[0].strip()
         raise CheckpointError(f"{path}: refused: the pickle holds objects other than tensors and plain data, "
-                              f"and loading it could run code ({first[:200]})") from None
+                              f"and loading it could run code ({detail[:200]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
 

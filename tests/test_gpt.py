@@ -1,0 +1,241 @@
+"""The baseline GPT: KV-cached decoding equals full recomputation (any slots, rows at different
+lengths, right-padded batched prefill), HF GPT-2 equivalence of logits and greedy tokens, cache
+and parameter sizes, and the context limit."""
+
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.generate import decode, generate, prefill
+from model.gpt import GPT, PRESETS, KVCache, preset_config
+from model.sampling import SamplingParams
+from model.tokenizer import gpt2_tokenizer
+
+ATOL = 1e-5
+RTOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # on the shared 2-core machine, 2 intra-op threads under load run small ops ~100x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_gpt(seed=0, **overrides):
+    """The tiny preset with every parameter (biases and LayerNorms too) pushed off its init, so a
+    misplaced bias or a wrong LayerNorm would show in the logits; logits come out O(1)."""
+    torch.manual_seed(seed)
+    model = GPT(preset_config("tiny", **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+@torch.no_grad()
+def full_logits(model, seq):
+    """Logits of every position of one sequence (list of ids), recomputed without a cache."""
+    return model(torch.tensor([seq]))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# cached decoding == full recomputation
+
+
+@pytest.mark.parametrize("slots, n_slots", [([2, 0, 3], 4), ([0, 1, 2], 3), ([1, 2, 3], 4)],
+                         ids=["non-contiguous", "contiguous-from-0", "contiguous-offset"])
+@torch.no_grad()
+def test_cached_decode_matches_full_recompute(slots, n_slots):
+    model = random_gpt()
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompt_lens = [5, 11, 2]
+    n_steps = 9
+    seqs = [torch.randint(0, V, (n + n_steps,), generator=g).tolist() for n in prompt_lens]
+    cache = model.new_cache(n_slots, max_len=32)
+    # a slot no row of the batch uses holds another sequence: it must never leak into the rows
+    for other in set(range(n_slots)) - set(slots):
+        prefill(model, torch.randint(0, V, (20,), generator=g), cache, other)
+
+    # prefill each row alone into its own slot; every prompt position must match
+    for seq, n, slot in zip(seqs, prompt_lens, slots):
+        logits, stats = prefill(model, torch.tensor(seq[:n]), cache, slot, all_logits=True)
+        torch.testing.assert_close(logits, full_logits(model, seq[:n]), atol=ATOL, rtol=RTOL)
+        last, _ = model.forward_cached(torch.tensor([seq[:n]]), torch.arange(n)[None], model.new_cache(1, 32),
+                                       torch.tensor([0]))
+        torch.testing.assert_close(last[0], logits[-1], atol=ATOL, rtol=RTOL)
+
+    # then decode all rows together, each at its own position
+    slot_t = torch.tensor(slots)
+    for step in range(n_steps):
+        pos = torch.tensor([n + step for n in prompt_lens])
+        tokens = torch.tensor([seq[n + step] for seq, n in zip(seqs, prompt_lens)])
+        logits, _ = decode(model, tokens, pos, cache, slot_t)
+        assert logits.shape == (len(slots), V)
+        for row, (seq, n) in enumerate(zip(seqs, prompt_lens)):
+            expected = full_logits(model, seq[: n + step + 1])[-1]
+            torch.testing.assert_close(logits[row], expected, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("slots", [[2, 0, 3], [0, 1, 2]], ids=["non-contiguous", "contiguous"])
+@torch.no_grad()
+def test_batched_right_padded_prefill_then_decode(slots):
+    model = random_gpt(seed=3)
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(4)
+    prompt_lens = [7, 3, 12]
+    n_steps = 8
+    seqs = [torch.randint(0, V, (n + n_steps,), generator=g).tolist() for n in prompt_lens]
+    S = max(prompt_lens)
+    pad = V - 1
+    idx = torch.full((len(seqs), S), pad, dtype=torch.long)
+    for row, (seq, n) in enumerate(zip(seqs, prompt_lens)):
+        idx[row, :n] = torch.tensor(seq[:n])
+    input_pos = torch.arange(S).expand(len(seqs), S)
+    cache = model.new_cache(4, max_len=S + n_steps)
+    slot_t = torch.tensor(slots)
+
+    # one prefill call for all rows; each row's real positions equal its own full computation
+    logits = model(idx, input_pos, cache, slot_t)
+    all_logits, _ = model.forward_cached(idx, input_pos, model.new_cache(4, max_len=S), slot_t, last_only=False)
+    torch.testing.assert_close(all_logits, logits, atol=ATOL, rtol=RTOL)
+    for row, (seq, n) in enumerate(zip(seqs, prompt_lens)):
+        torch.testing.assert_close(logits[row, :n], full_logits(model, seq[:n]), atol=ATOL, rtol=RTOL)
+
+    # decode: each row continues from its own length, overwriting its padding's K/V
+    for step in range(n_steps):
+        pos = torch.tensor([n + step for n in prompt_lens])
+        tokens = torch.tensor([seq[n + step] for seq, n in zip(seqs, prompt_lens)])
+        out, _ = decode(model, tokens, pos, cache, slot_t)
+        for row, (seq, n) in enumerate(zip(seqs, prompt_lens)):
+            expected = full_logits(model, seq[: n + step + 1])[-1]
+            torch.testing.assert_close(out[row], expected, atol=ATOL, rtol=RTOL)
+
+
+@torch.no_grad()
+def test_generate_greedy_equals_uncached_argmax():
+    model = random_gpt(seed=5)
+    prompt = [3, 14, 15, 92, 65]
+    tokens = [t for t, _, _ in generate(model, prompt, 15, SamplingParams(temperature=0))]
+    seq = list(prompt)
+    for _ in range(15):
+        seq.append(int(full_logits(model, seq)[-1].argmax()))
+    assert tokens == seq[len(prompt):]
+
+
+# ---------------------------------------------------------------------------------------------
+# HuggingFace GPT-2 equivalence
+
+
+def _hf_model(vocab_size):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(7)
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=vocab_size)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # biases and LayerNorms off their init too; wte/lm_head stay tied
+            p.add_(0.1 * torch.randn_like(p))
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    return hf
+
+
+def _save_hf(hf, directory, how):
+    if how == "safetensors":
+        hf.save_pretrained(directory)
+        assert (directory / "model.safetensors").is_file()
+        return
+    # pytorch_model.bin as older transformers wrote it (save_pretrained(safe_serialization=False),
+    # gone in transformers 5): a torch.save'd state dict incl. the causal-mask buffers
+    hf.config.save_pretrained(directory)
+    state = dict(hf.state_dict())
+    n_pos = hf.config.n_positions
+    for i in range(hf.config.n_layer):
+        state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(n_pos, n_pos, dtype=torch.bool)).view(1, 1, n_pos, n_pos)
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    if how == "bin-gpt2model":
+        # the hub's original gpt2 pytorch_model.bin: saved from GPT2Model, no prefix, no lm_head
+        state = {k.removeprefix("transformer."): v for k, v in state.items() if not k.startswith("lm_head.")}
+    assert not (directory / "model.safetensors").exists()
+    torch.save(state, directory / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("how", ["safetensors", "bin", "bin-gpt2model"])
+@torch.no_grad()
+def test_hf_gpt2_logits_and_greedy_tokens_match(tmp_path, how):
+    hf = _hf_model(50257)
+    _save_hf(hf, tmp_path, how)
+    model, tokenizer, metadata = load_checkpoint(tmp_path)
+    assert metadata["format"] == "hf-gpt2"
+    assert tokenizer.name == "gpt2"
+    assert model.config.gelu_approximate == "tanh"
+
+    ids = tokenizer.encode("Hello, world! The quick brown fox jumps over the lazy dog.\n  Ünïcödé 😀")
+    x = torch.tensor([ids])
+    ours, theirs = model(x), hf(x).logits
+    assert theirs.abs().max() > 0.1  # not a degenerate comparison
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL)
+
+    out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=20,
+                      pad_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
+                      output_logits=True, return_dict_in_generate=True)
+    hf_tokens = out.sequences[0, len(ids):].tolist()
+    steps = list(generate(model, ids, 20, SamplingParams(temperature=0), eos_id=tokenizer.eos_id))
+    assert [t for t, _, _ in steps] == hf_tokens
+    assert len(steps) == len(out.logits)
+    for (_, logits, _), hf_logits in zip(steps, out.logits):
+        torch.testing.assert_close(logits, hf_logits[0], atol=ATOL, rtol=RTOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kv_bytes_per_token(dtype):
+    model = GPT(preset_config("tiny"))
+    c = model.config
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    cache = KVCache(c, n_slots=3, max_len=17, dtype=dtype)
+    assert cache.bytes_per_token() == 2 * c.n_layer * c.n_embd * itemsize
+    assert model.kv_bytes_per_token(dtype) == cache.bytes_per_token()
+    assert cache.nbytes == cache.bytes_per_token() * 3 * 17
+    if dtype == torch.float32:
+        assert cache.bytes_per_token() == 2 * c.n_layer * c.n_embd * 4
+        assert model.new_cache(2).bytes_per_token() == model.kv_bytes_per_token()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_gpt2_preset_parameter_counts_match_hf(name):
+    transformers = pytest.importorskip("transformers")
+    p = PRESETS[name]
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        ours = GPT(preset_config(name))
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], n_positions=p["block_size"],
+            vocab_size=p["vocab_size"]))
+    assert ours.num_params(non_embedding=False) == hf.num_parameters()
+    assert ours.num_params() == hf.num_parameters() - p["block_size"] * p["n_embd"]
+    if name == "gpt2":
+        assert ours.num_params(non_embedding=False) == 124_439_808  # GPT-2 "124M"
+        assert ours.num_params() == 123_653_376  # what nanoGPT prints: 123.65M
+
+
+# ---------------------------------------------------------------------------------------------
+# context limit
+
+
+@torch.no_grad()
+def test_positions_beyond_block_size_raise():
+    model = random_gpt()
+    block = model.config.block_size
+    model(torch.zeros(1, block, dtype=torch.long))  # exactly the context: fine
+    with pytest.raises(ValueError, match="beyond the context"):
+        model(torch.zeros(1, block + 1, dtype=torch.long))
+    cache = model.new_cache(1, max_len=block + 4)
+    with pytest.raises(ValueError, match="beyond the context"):
+        decode(model, torch.tensor([1]), torch.tensor([block]), cache, torch.tensor([0]))
+    with pytest.raises(ValueError, match="context"):
+        next(generate(model, [1] * (block - 3), 4, SamplingParams(temperature=0)))
