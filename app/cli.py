@@ -37,7 +37,7 @@ def cmd_generate(args) -> int:
     out.flush()
     detok = IncrementalDetokenizer(tokenizer)
     for token, _, _ in generate(model, prompt_ids, max_tokens, params, settle_steps=args.settle_steps,
-                                eos_id=tokenizer.eos_id if args.stop_at_eos else None):
+                                eos_id=tokenizer.eos_id if args.stop_at_eos else None, vocab_size=tokenizer.vocab_size):
         out.write(detok.push(token))
         out.flush()
     out.write(detok.flush() + "\n")

@@ -46,10 +46,13 @@ def _as_row_tensor(value, rows: int, device):
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams | None = None,
-             settle_steps: int | None = None, eos_id: int | None = None) -> Iterator[tuple[int, torch.Tensor, dict]]:
+             settle_steps: int | None = None, eos_id: int | None = None,
+             vocab_size: int | None = None) -> Iterator[tuple[int, torch.Tensor, dict]]:
     """Yields (token, logits, stats) for each new token of one request, KV-cached.
 
     The same prefill, decode and sampling functions the server's engine batches, one row here.
+    vocab_size: the tokenizer's; logits past it are dropped (nanoGPT pads GPT-2's 50257 to 50304,
+    and a padding id has no text).
     """
     params = params or SamplingParams()
     device = model.lm_head.weight.device
@@ -63,7 +66,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, params: Sampling
     prompt = torch.tensor(prompt_ids, device=device, dtype=torch.long)
     batch = BatchSampling.from_params([params], device)
     generator = [make_generator(params.seed, device)]
-    vocab = model.config.vocab_size
+    vocab = vocab_size or model.config.vocab_size
     prompt_mask = torch.zeros(1, vocab, dtype=torch.bool, device=device)
     prompt_mask[0, prompt] = True
     counts = torch.zeros(1, vocab, dtype=torch.long, device=device)
@@ -73,8 +76,9 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, params: Sampling
     pos = len(prompt_ids)
     steps = None if settle_steps is None else torch.tensor([settle_steps], device=device)
     for i in range(max_new_tokens):
-        raw = logits.float()
-        token = sample_from_logits(apply_penalties(raw, prompt_mask, counts, batch), batch, generator)
+        raw = logits[:, :vocab].float()
+        penalized = apply_penalties(raw, prompt_mask, counts, batch) if batch.use_penalties else raw
+        token = sample_from_logits(penalized, batch, generator)
         yield int(token), raw[0], stats
         if eos_id is not None and int(token) == eos_id:
             return
