@@ -147,10 +147,23 @@ class PCGPT(GPT):
         active = (steps.view(B, 1) > 0).expand(B, S).clone()
         used = torch.zeros(B, S, dtype=torch.long, device=z0.device)
         rejected = torch.zeros_like(used)
+
+        def evaluate(states):
+            # ∂E/∂z_l must be the partial derivative, each z_l a free variable. Without a graph the
+            # states are fresh leaves. With one (unrolled training) they still depend on each other
+            # and on the keys/values through the weights, so the gradient is taken w.r.t. zero
+            # handles added to each state, which keeps the graph to the weights but no path
+            # through the other states or the amortised K/V.
+            if create_graph:
+                handles = [torch.zeros_like(z, requires_grad=True) for z in states]
+                E, up, down = self.energy(z0, [z + h for z, h in zip(states, handles)], pasts, past_mask, kappa)
+                return states, handles, E, up, down
+            states = [z.detach().requires_grad_(True) for z in states]
+            E, up, down = self.energy(z0, states, pasts, past_mask, kappa)
+            return states, states, E, up, down
+
         with torch.enable_grad():
-            if not create_graph:
-                zs = [z.detach().requires_grad_(True) for z in zs]
-            E, e_up, e_down = self.energy(z0, zs, pasts, past_mask, kappa)
+            zs, handles, E, e_up, e_down = evaluate(zs)
             E0 = E.detach()
             max_steps = int(steps.max()) if steps.numel() else 0
             grads = None
@@ -159,15 +172,13 @@ class PCGPT(GPT):
                 if not active.any():
                     break
                 if grads is None:
-                    grads = torch.autograd.grad(E.sum(), zs, create_graph=create_graph)
+                    grads = torch.autograd.grad(E.sum(), handles, create_graph=create_graph)
                 move = (step_size * active)[..., None]
                 z_new = [z - move * g / D[l] for l, (z, g) in enumerate(zip(zs, grads))]
-                if not create_graph:
-                    z_new = [z.detach().requires_grad_(True) for z in z_new]
-                E_new, up_new, down_new = self.energy(z0, z_new, pasts, past_mask, kappa)
+                z_new, handles_new, E_new, up_new, down_new = evaluate(z_new)
                 accept = active & (E_new <= E)
                 reject = active & ~accept
-                grads_new = torch.autograd.grad(E_new.sum(), z_new, create_graph=create_graph) if t + 1 < max_steps else None
+                grads_new = torch.autograd.grad(E_new.sum(), handles_new, create_graph=create_graph) if t + 1 < max_steps else None
                 keep = accept[..., None]
                 if self.config.early_stop > 0:
                     stalled = accept & ((E - E_new) < self.config.early_stop * E.abs())

@@ -180,6 +180,8 @@ def train(cfg: TrainConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         batch_gen.set_state(state["batch_rng"])
         it, best_val, elapsed, history = state["iter"], state["best_val"], state["elapsed"], json.loads(state["history"])
+        if "torch_rng" in state:  # the PC loss samples its unrolled steps K from the global generator
+            torch.set_rng_state(state["torch_rng"])
 
     loss_options = model.loss_options(cfg) if hasattr(model, "loss_options") else {}
     model.train()
@@ -188,9 +190,13 @@ def train(cfg: TrainConfig) -> dict:
                dynamic_ncols=True)
     t_last = time.perf_counter()
     result = {}
+    resumed_at = None
+    if history and history[-1]["iter"] == it:  # resumed at an evaluation that is already recorded
+        resumed_at = it
+        result = {"iter": it, "best_val": best_val, **{k: v for k, v in history[-1].items() if k != "iter"}}
     while True:
         final = it >= cfg.max_iters
-        if it % cfg.eval_interval == 0 or final:
+        if (it % cfg.eval_interval == 0 or final) and it != resumed_at:
             losses = estimate_loss(model, splits, cfg, torch.Generator().manual_seed(eval_gen_seed), device, autocast)
             history.append({"iter": it, **losses})
             bar.write(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}")
@@ -198,7 +204,7 @@ def train(cfg: TrainConfig) -> dict:
                 best_val = losses["val"]
                 save_pcgpt(out_dir, model, tokenizer, _metadata(cfg, it, elapsed, best_val, losses, history))
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "batch_rng": batch_gen.get_state(), "iter": it, "best_val": best_val,
+                        "batch_rng": batch_gen.get_state(), "torch_rng": torch.get_rng_state(), "iter": it, "best_val": best_val,
                         "elapsed": elapsed, "history": json.dumps(history)}, state_path)
             result = {"iter": it, "best_val": best_val, **losses}
         if final:
