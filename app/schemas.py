@@ -44,6 +44,9 @@ class SamplingFields(BaseModel):
                                        description="error-driven sampler: target surprise in bits (default: the checkpoint's)")
     mirostat_eta: float | None = Field(None, ge=0.0, le=10.0, allow_inf_nan=False,
                                        description="error-driven sampler: learning rate of the surprise threshold (default 0.1)")
+    precision_gain: float | None = Field(None, ge=0.0, le=10.0, allow_inf_nan=False,
+                                         description="error-driven sampler: λ, how strongly the prediction's error sets "
+                                                     "the temperature (0 = fixed temperature; default: the checkpoint's, else 0.5)")
     uncertainty: bool = Field(False, description="add per-token uncertainty to each choice and stream chunk")
     truncate_prompt_tokens: int | None = Field(None, ge=1, le=1_000_000,
                                                description="keep only the last N prompt tokens (and fewer if the context needs)")

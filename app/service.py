@@ -139,8 +139,7 @@ class Job:
             raise APIError(503, "the server shut down before this request finished", "server_error", None, "aborted")
         usage = self._usage(choices.values())
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.body.model,
-                "choices": [choices[i].body(final=True) for i in sorted(choices)], "usage": usage,
-                "system_fingerprint": None}
+                "choices": [choices[i].body(final=True) for i in sorted(choices)], "usage": usage}
 
     async def sse(self, request):
         choices = {r.index: _Choice(r, self) for r in self.requests}
@@ -163,8 +162,7 @@ class Job:
         yield "data: [DONE]\n\n"
 
     def _chunk(self, kind, choices):
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.body.model, "choices": choices,
-                "system_fingerprint": None}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.body.model, "choices": choices}
 
     def _usage(self, choices) -> dict:
         prompt = sum(len(r.prompt_ids) for r in self.requests if r.index % self.n == 0)
@@ -271,15 +269,17 @@ def _or(value, default):
 
 def _error_driven(body, engine) -> ErrorDrivenParams | None:
     if body.sampler != "error_driven":
-        if body.mirostat_tau is not None or body.mirostat_eta is not None:
-            raise APIError(400, "mirostat_tau and mirostat_eta apply to sampler 'error_driven' only", param="sampler")
+        if body.mirostat_tau is not None or body.mirostat_eta is not None or body.precision_gain is not None:
+            raise APIError(400, "mirostat_tau, mirostat_eta and precision_gain apply to sampler 'error_driven' only",
+                           param="sampler")
         return None
     defaults = engine.sampler_defaults
     temperature = _or(body.temperature, 1.0)
     if temperature == 0:
         raise APIError(400, "sampler 'error_driven' needs temperature > 0 (its base temperature T0)", param="temperature")
     tau = body.mirostat_tau if body.mirostat_tau is not None else defaults.get("tau", 5.0)
-    params = ErrorDrivenParams(tau=float(tau), eta=_or(body.mirostat_eta, 0.1), lam=float(defaults.get("lam", 0.5)),
+    lam = _or(body.precision_gain, defaults.get("lam", 0.5))
+    params = ErrorDrivenParams(tau=float(tau), eta=_or(body.mirostat_eta, 0.1), lam=float(lam),
                                base_temperature=temperature, m0=defaults.get("m0"))
     try:
         params.validate()

@@ -112,9 +112,10 @@ class PCGPT(GPT):
 
     # --- energy and settling ------------------------------------------------------------------
 
-    def energy(self, z0, zs, pasts, past_mask, kappa):
+    def energy(self, z0, zs, pasts, past_mask, kappa, targets=None):
         """Energy per position (B, S) and the errors: z0 clamped, zs = [z_1..z_L] (B, S, C);
-        pasts[l] = (k, v) that layer l's attention reads for earlier positions."""
+        pasts[l] = (k, v) that layer l's attention reads for earlier positions. With targets
+        (B, S) the output is clamped too: the CE of the readout joins the energy (local learning)."""
         up, down = [], []
         below = z0
         for l, (block, gen) in enumerate(zip(self.transformer.h, self.generators)):
@@ -124,22 +125,48 @@ class PCGPT(GPT):
             below = zs[l]
         e_up = torch.stack([(e * e).sum(-1) for e in up], dim=-1)  # (B, S, L)
         e_down = torch.stack([(e * e).sum(-1) for e in down], dim=-1)
-        return 0.5 * e_up.sum(-1) + 0.5 * (kappa * e_down).sum(-1), e_up, e_down
+        E = 0.5 * e_up.sum(-1) + 0.5 * (kappa * e_down).sum(-1)
+        if targets is not None:
+            logits = self.head(zs[-1])
+            E = E + F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(E)
+        return E, e_up, e_down
+
+    def feedforward_energy(self, z0, zs, kappa):
+        """Energy and its gradient at the feed-forward states, where every bottom-up error is zero
+        by construction (z_l = f_l(z_{l−1})): only the generators enter, so the first settling
+        step needs no pass through the blocks. Returns (E, e_up, e_down, grads)."""
+        with torch.enable_grad():
+            leaves = [z.detach().requires_grad_(True) for z in zs]
+            below = z0
+            down = []
+            for gen, z in zip(self.generators, leaves):
+                down.append(below - gen(z))
+                below = z
+            e_down = torch.stack([(e * e).sum(-1) for e in down], dim=-1)
+            E = 0.5 * (kappa * e_down).sum(-1)
+            grads = torch.autograd.grad(E.sum(), leaves)
+        return E.detach(), torch.zeros_like(e_down), e_down.detach(), list(grads)
 
     def preconditioner(self, kappa) -> torch.Tensor:
         """Jacobi diagonal D_l = π_l + κ_l + [l<L]·(κ_{l+1} + π_{l+1}), π = 1: (L,)."""
         upper = torch.cat([kappa[1:] + 1.0, kappa.new_zeros(1)])
         return 1.0 + kappa + upper
 
-    def settle(self, z0, zs, pasts, past_mask, steps, alpha, kappa=None, create_graph=False):
+    def settle(self, z0, zs, pasts, past_mask, steps, alpha, kappa=None, create_graph=False, targets=None,
+               from_feedforward=None):
         """Settles zs = [z_1..z_L] (B, S, C) for steps[b] steps per row (B,).
 
         Gradient descent on E w.r.t. z only, divided by D_l, all layers in parallel. Backtracking:
         a position whose energy would rise keeps its old z and halves its step size. With
         config.early_stop > 0 a position stops once its energy falls by less than that fraction.
+        from_feedforward (default: when not unrolling for training and no targets are clamped):
+        zs are the feed-forward states, so the start's energy and gradient come from the
+        generators alone (feedforward_energy), which makes T = 1 cost about two baseline passes.
         Returns (zs, info) with per-position energy0, energy, steps used, rejections and the
         final squared error norms per layer.
         """
+        if from_feedforward is None:
+            from_feedforward = not create_graph and targets is None
         kappa = self.kappa() if kappa is None else kappa
         D = self.preconditioner(kappa)
         B, S, _ = z0.shape
@@ -148,7 +175,7 @@ class PCGPT(GPT):
         used = torch.zeros(B, S, dtype=torch.long, device=z0.device)
         rejected = torch.zeros_like(used)
 
-        def evaluate(states):
+        def evaluate(states, need_grad=True):
             # ∂E/∂z_l must be the partial derivative, each z_l a free variable. Without a graph the
             # states are fresh leaves. With one (unrolled training) they still depend on each other
             # and on the keys/values through the weights, so the gradient is taken w.r.t. zero
@@ -156,17 +183,25 @@ class PCGPT(GPT):
             # through the other states or the amortised K/V.
             if create_graph:
                 handles = [torch.zeros_like(z, requires_grad=True) for z in states]
-                E, up, down = self.energy(z0, [z + h for z, h in zip(states, handles)], pasts, past_mask, kappa)
+                E, up, down = self.energy(z0, [z + h for z, h in zip(states, handles)], pasts, past_mask, kappa, targets)
                 return states, handles, E, up, down
+            if not need_grad:  # the last step only needs the energy, to accept or reject
+                with torch.no_grad():
+                    states = [z.detach() for z in states]
+                    return (states, None, *self.energy(z0, states, pasts, past_mask, kappa, targets))
             states = [z.detach().requires_grad_(True) for z in states]
-            E, up, down = self.energy(z0, states, pasts, past_mask, kappa)
+            E, up, down = self.energy(z0, states, pasts, past_mask, kappa, targets)
             return states, states, E, up, down
 
+        max_steps = int(steps.max()) if steps.numel() else 0
         with torch.enable_grad():
-            zs, handles, E, e_up, e_down = evaluate(zs)
+            if from_feedforward:
+                E, e_up, e_down, grads = self.feedforward_energy(z0, zs, kappa)
+                zs = [z.detach() for z in zs]
+            else:
+                zs, handles, E, e_up, e_down = evaluate(zs)
+                grads = None
             E0 = E.detach()
-            max_steps = int(steps.max()) if steps.numel() else 0
-            grads = None
             for t in range(max_steps):
                 active &= steps.view(B, 1) > t
                 if not active.any():
@@ -175,10 +210,11 @@ class PCGPT(GPT):
                     grads = torch.autograd.grad(E.sum(), handles, create_graph=create_graph)
                 move = (step_size * active)[..., None]
                 z_new = [z - move * g / D[l] for l, (z, g) in enumerate(zip(zs, grads))]
-                z_new, handles_new, E_new, up_new, down_new = evaluate(z_new)
+                last = t + 1 == max_steps
+                z_new, handles_new, E_new, up_new, down_new = evaluate(z_new, need_grad=not last or create_graph)
                 accept = active & (E_new <= E)
                 reject = active & ~accept
-                grads_new = torch.autograd.grad(E_new.sum(), handles_new, create_graph=create_graph) if t + 1 < max_steps else None
+                grads_new = None if last else torch.autograd.grad(E_new.sum(), handles_new, create_graph=create_graph)
                 keep = accept[..., None]
                 if self.config.early_stop > 0:
                     stalled = accept & ((E - E_new) < self.config.early_stop * E.abs())
@@ -323,9 +359,10 @@ class PCGPT(GPT):
         return (E - log_norm).mean() / self.config.n_embd
 
     def local_loss(self, idx, targets, k_max=2, alpha=0.25):
-        """Local learning (iPC-style): settle the states with the target clamped at the output,
-        then update each block, generator and precision from its own error only (states
-        detached), and the readout from its CE at the detached top state."""
+        """Local learning (iPC-style): settle the states with the target clamped at the output
+        (the readout's CE joins the energy, so the task reaches the hidden states), then update
+        each block, generator and precision from its own error only (states detached), and the
+        readout from its CE at the detached top state."""
         V = self.config.vocab_size
         with torch.no_grad():
             zs = self.feedforward(idx)
@@ -333,7 +370,7 @@ class PCGPT(GPT):
         zs = [z.detach() for z in zs]
         pasts = [(k.detach(), v.detach()) for k, v in pasts]
         steps = torch.full((idx.shape[0],), k_max, dtype=torch.long, device=idx.device)
-        settled, _ = self.settle(zs[0], zs[1:], pasts, mask, steps, alpha, kappa=self.kappa().detach())
+        settled, _ = self.settle(zs[0], zs[1:], pasts, mask, steps, alpha, kappa=self.kappa().detach(), targets=targets)
         states = [zs[0]] + settled
         loss = self.local_terms(states, pasts, mask, targets)
         return loss, {"K": k_max}

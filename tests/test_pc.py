@@ -224,6 +224,35 @@ def test_settling_step_is_preconditioned_gradient_of_energy():
         torch.testing.assert_close(a, g, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("T", [1, 2, 4])
+def test_feedforward_start_equals_the_full_autograd_start(T):
+    """Inference starts from the feed-forward states, where every bottom-up error is zero, so its
+    first step takes the gradient through the generators only (about 2 baseline passes at T = 1
+    instead of 5): it must settle to the same states as the full autograd start."""
+    _, pc = make_models()
+    idx = tokens(3, 10)
+    fast, fast_info = settle(pc, idx, T, 0.5)
+    full, full_info = settle(pc, idx, T, 0.5, from_feedforward=False)
+    for a, b in zip(fast, full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast_info["steps"], full_info["steps"])
+    torch.testing.assert_close(fast_info["energy0"], full_info["energy0"], atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(fast_info["energy"], full_info["energy"], atol=1e-7, rtol=1e-5)
+
+
+def test_local_settling_with_clamped_targets_moves_the_hidden_states_towards_the_targets():
+    """Local learning settles with the output clamped: the readout's CE joins the energy, so the
+    settled top state predicts the targets better than the unclamped settled one."""
+    _, pc = make_models()
+    idx = tokens(2, 12)
+    targets = tokens(2, 12, seed=7)
+    free, _ = settle(pc, idx, 4, 0.25)
+    clamped, info = settle(pc, idx, 4, 0.25, targets=targets)
+    ce = lambda z: F.cross_entropy(pc.head(z).flatten(0, 1), targets.flatten()).item()
+    assert ce(clamped[-1]) < ce(free[-1])
+    assert (info["energy"] <= info["energy0"] + 1e-6).all()
+
+
 def test_unrolled_settling_in_training_equals_inference_settling():
     """With create_graph (training) the step must still be the partial ∂E/∂z_l with the amortised
     K/V held fixed, the same trajectory as at inference, and backpropagating through it works."""
