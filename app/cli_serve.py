@@ -1,6 +1,7 @@
 """`pcgpt serve`: load the models, then run the HTTP service under uvicorn."""
 
 import logging
+import signal
 import sys
 
 
@@ -73,6 +74,9 @@ def cmd_serve(args) -> int:
         logging.getLogger("pcgpt").info("loaded %s (%s, %s) from %s on %s", name, model.model_type,
                                         f"{model.num_params(False):,} parameters", path, device)
     app = create_app(config, loaded)
+    # uvicorn re-raises the SIGTERM it drained on after restoring this handler: with the default
+    # handler the process would then die of the signal (exit -15) instead of exiting 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=int(config.drain_seconds) or None)
     return 0

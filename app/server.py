@@ -50,25 +50,29 @@ class BodySizeLimit:
                     return await too_large(scope, receive, send)
             except ValueError:
                 return await error_response(400, "invalid Content-Length header", "invalid_request_error")(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
+        # read the whole body here (it is small: at most max_bytes), so a chunked body over the limit
+        # is a 413 before any route sees it (a route would turn the error into a 400)
+        chunks, received = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge()
-            return message
+            if message["type"] != "http.request":  # the client went away before sending it all
+                return
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            if received > self.max_bytes:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await too_large(scope, receive, send)
+        async def replay_receive():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: http.disconnect, for streams to notice
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay_receive, send)
 
 
 def create_app(config: ServerConfig, loaded: dict) -> FastAPI:

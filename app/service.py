@@ -113,13 +113,17 @@ class Job:
         """Engine events until every choice is done; cancels the choices if the client leaves."""
         open_choices = len(self.requests)
         finished = False
+        checked = time.monotonic()
         try:
             while open_choices:
-                try:
-                    event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                # events may never pause long enough for a timeout: check the client every 0.2 s anyway
+                if time.monotonic() - checked > 0.2:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                try:
+                    event = await asyncio.wait_for(self.queue.get(), timeout=0.2)
+                except asyncio.TimeoutError:
                     continue
                 if isinstance(event, (DoneEvent, ErrorEvent)):
                     open_choices -= 1
