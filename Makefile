@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test bench clean
+.PHONY: install deps-system serve test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,15 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# System packages the tests need: Debian's prometheus (with promtool) for tests/test_deploy.py.
+deps-system:
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		(apt-get update && apt-get install -y --no-install-recommends prometheus)
+
 serve: $(STAMP)
 	$(BIN)/pcgpt serve
 
-test: $(STAMP)
+test: $(STAMP) deps-system
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

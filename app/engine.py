@@ -129,6 +129,10 @@ class Engine:
         self.steps_run = 0
         self.batch_size_counts: dict[int, int] = {}
         self.fault_injector = None  # tests: a callable(seq) that may raise inside one row's step
+        if metrics:  # weights on the model's device: the one memory series every device has
+            metrics.device_memory.labels(model=name, kind="weights").set(
+                sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]))
+            self._gauges()  # KV-cache bytes allocated are known before the first step
 
     # --- lifecycle ----------------------------------------------------------------------------
 

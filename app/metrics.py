@@ -16,6 +16,8 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 STEP_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16)
 BITS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20)
 ENERGY_BUCKETS = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 100)
+FINISH_REASONS = ("stop", "length", "cancelled", "abort")
+ERROR_TYPES = ("invalid_request_error", "rate_limit_error", "server_error", "generation_error")
 
 
 class Metrics:
@@ -42,7 +44,7 @@ class Metrics:
         self.batch_size = Histogram("pcgpt_batch_size", "Rows per decode step", m, buckets=BATCH_BUCKETS, registry=r)
         self.kv_usage = Gauge("pcgpt_kv_cache_usage_ratio", "Fraction of KV-cache positions held by running sequences", m, registry=r)
         self.kv_bytes = Gauge("pcgpt_kv_cache_bytes", "KV-cache bytes: allocated in all, and used by running sequences", m + ["state"], registry=r)
-        self.device_memory = Gauge("pcgpt_device_memory_bytes", "CUDA memory allocated / reserved by PyTorch", m + ["kind"], registry=r)
+        self.device_memory = Gauge("pcgpt_device_memory_bytes", "Model weights on the device (any device); CUDA memory allocated / reserved by PyTorch", m + ["kind"], registry=r)
         self.rss = Gauge("pcgpt_process_resident_memory_bytes", "Resident memory of the server process", registry=r)
         self.rss_peak = Gauge("pcgpt_process_peak_resident_memory_bytes", "Peak resident memory of the server process", registry=r)
         self.settle_steps = Histogram("pcgpt_settle_steps", "Settle steps used per generated token", m, buckets=STEP_BUCKETS, registry=r)
@@ -51,6 +53,7 @@ class Metrics:
         self.energy = Histogram("pcgpt_token_energy", "PC energy per unit after settling, per generated token", m, buckets=ENERGY_BUCKETS, registry=r)
         self.decode_steps = Counter("pcgpt_decode_steps", "Batched decode steps run", m, registry=r)
         self.model_info = Info("pcgpt_model", "The loaded models", m, registry=r)
+        self.errors.labels(model="none", type="invalid_request_error")  # requests for no loaded model
 
     def register_model(self, name: str, info: dict) -> None:
         self.model_info.labels(model=name).info({k: str(v) for k, v in info.items()})
@@ -61,6 +64,11 @@ class Metrics:
             series.labels(model=name)
         for state in ("allocated", "used"):
             self.kv_bytes.labels(model=name, state=state)
+        # counters by reason and type too, so a rate() sees their first increment
+        for reason in FINISH_REASONS:
+            self.requests.labels(model=name, finish_reason=reason)
+        for type_ in ERROR_TYPES:
+            self.errors.labels(model=name, type=type_)
 
     def render(self) -> bytes:
         self._sample_process()

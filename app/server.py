@@ -6,23 +6,41 @@ Routes are thin: they validate (pydantic, schemas.py), turn a request into engin
 
 import hmac
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.config import ServerConfig
 from app.engine import Engine
 from app.metrics import CONTENT_TYPE_LATEST, Metrics
-from app.schemas import ChatCompletionRequest, CompletionRequest
+from app.schemas import (CHAT_COMPLETION_BODY, COMPLETION_BODY, ERROR_BODY, HEALTH_BODY, MODEL_CARD, MODEL_LIST,
+                         READY_BODY, ChatCompletionRequest, CompletionRequest)
 from app import service
 from app.service import APIError
 
 log = logging.getLogger("pcgpt.server")
+
+# Test-only fault injection (tests/test_reliability.py, bench/reliability.py); off unless this is "1".
+FAULT_INJECTION_ENV = "PCGPT_FAULT_INJECTION"
+
+
+def _json(schema: dict, description: str, stream: bool = False) -> dict:
+    content = {"application/json": {"schema": schema}}
+    if stream:
+        content["text/event-stream"] = {"schema": {"type": "string", "description": "data: {chunk} lines, then data: [DONE]"}}
+    return {"description": description, "content": content}
+
+
+_ERRORS = {status: _json(ERROR_BODY, what) for status, what in (
+    (400, "invalid request"), (401, "bad or missing API key"), (404, "unknown model"), (413, "body too large"),
+    (429, "queue full"), (500, "generation failed (a server fault)"), (503, "model unavailable"))}
+INFERENCE_RESPONSES = {status: _ERRORS[status] for status in (400, 401, 404, 413, 429, 500, 503)}
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
@@ -75,8 +93,35 @@ class BodySizeLimit:
         await self.app(scope, replay_receive, send)
 
 
+def _is_type_tag(part) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict", "none")
+                                      or "[" in part or part.startswith(("function-", "constrained-")))
+
+
+def _install_fault_injection(engine: Engine) -> None:
+    """TEST ONLY, enabled by PCGPT_FAULT_INJECTION=1 (never set it in production). A request whose
+    `user` is "fault:request" raises inside its row's step after its first token (that request
+    fails, the others go on); "fault:engine" makes the engine loop itself raise, so it dies."""
+    def row_fault(seq):
+        if getattr(seq.request, "fault", None) == "request" and seq.generated >= 1:
+            raise RuntimeError("injected fault (fault:request)")
+
+    step = engine.step
+
+    def step_with_fault():
+        if any(getattr(r, "fault", None) == "engine" for r in list(engine.waiting)):
+            raise RuntimeError("injected fault (fault:engine)")
+        step()
+
+    engine.fault_injector = row_fault
+    engine.step = step_with_fault
+
+
 def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
     """`loaded`: served name -> (model, tokenizer, metadata), already on their device."""
+    fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
+    if fault_injection:
+        log.warning("%s=1: test-only fault injection is on (requests with user 'fault:...')", FAULT_INJECTION_ENV)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -85,6 +130,8 @@ def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
         for name, (model, tokenizer, metadata) in loaded.items():
             engine = Engine(name, model, tokenizer, metrics, max_batch_size=config.max_batch_size,
                             max_queue=config.max_queue, sampler_defaults=metadata.get("sampler") or {})
+            if fault_injection:
+                _install_fault_injection(engine)
             engine.start()
             engines[name] = engine
             metrics.register_model(name, service.model_card(name, engine, metadata))
@@ -120,7 +167,8 @@ def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
     async def _validation_error(request: Request, e: RequestValidationError):
         _count_error(request, "invalid_request_error")
         first = e.errors()[0] if e.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # pydantic names the union branch it tried ("prompt.str", "stop.list[str]"): not a field
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}"
@@ -132,7 +180,9 @@ def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(e.status_code, str(e.detail), type_)
+        response = error_response(e.status_code, str(e.detail), type_)
+        response.headers.update(e.headers or {})  # 405's Allow (RFC 9110)
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):
@@ -166,11 +216,12 @@ def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
                            "server_error", None, "model_unavailable")
         return engine
 
-    @app.get("/health", summary="liveness: the process answers")
+    @app.get("/health", summary="liveness: the process answers", responses={200: _json(HEALTH_BODY, "alive")})
     async def health():
         return {"status": "ok"}
 
-    @app.get("/ready", summary="readiness: models loaded and every engine running (503 otherwise)")
+    @app.get("/ready", summary="readiness: models loaded and every engine running (503 otherwise)",
+             responses={200: _json(READY_BODY, "ready"), 503: _json(READY_BODY, "not ready: an engine died or is stopping")})
     async def ready(request: Request):
         engines = request.app.state.engines
         status = {name: ("running" if e.alive else f"dead: {e.dead or 'not started'}") for name, e in engines.items()}
@@ -178,39 +229,59 @@ def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
         body = {"status": "ready" if ok else "not ready", "models": status}
         return JSONResponse(status_code=200 if ok else 503, content=body)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics_route():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(require_api_key)], summary="the loaded models")
+    @app.get("/v1/models", dependencies=[Depends(require_api_key)], summary="the loaded models",
+             responses={200: _json(MODEL_LIST, "the loaded models"), 401: _ERRORS[401]})
     async def list_models(request: Request):
         return {"object": "list", "data": [service.model_card(n, e, request.app.state.metadata[n])
                                             for n, e in request.app.state.engines.items()]}
 
-    @app.get("/v1/models/{model_id}", dependencies=[Depends(require_api_key)], summary="one loaded model")
+    @app.get("/v1/models/{model_id}", dependencies=[Depends(require_api_key)], summary="one loaded model",
+             responses={200: _json(MODEL_CARD, "the model"), 401: _ERRORS[401], 404: _ERRORS[404]})
     async def get_model(request: Request, model_id: str):
         engines = request.app.state.engines
         if model_id not in engines:
             raise APIError(404, f"model {model_id!r} does not exist", "invalid_request_error", "model", "model_not_found")
         return service.model_card(model_id, engines[model_id], request.app.state.metadata[model_id])
 
-    @app.post("/v1/completions", dependencies=[Depends(require_api_key)], summary="text completion (OpenAI)")
+    @app.post("/v1/completions", dependencies=[Depends(require_api_key)], summary="text completion (OpenAI)",
+              responses={200: _json(COMPLETION_BODY, "the completion, or its SSE stream", True), **INFERENCE_RESPONSES})
     async def completions(body: CompletionRequest, request: Request):
         engine = engine_for(request, body.model)
         job = service.completion_job(body, engine, config)
         return await _run(job, engine, request)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], summary="chat completion (OpenAI)")
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], summary="chat completion (OpenAI)",
+              responses={200: _json(CHAT_COMPLETION_BODY, "the chat completion, or its SSE stream", True),
+                         **INFERENCE_RESPONSES})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = engine_for(request, body.model)
         job = service.chat_job(body, engine, config)
         return await _run(job, engine, request)
 
     async def _run(job, engine, request):
+        if fault_injection and (job.body.user or "").startswith("fault:"):
+            for r in job.requests:
+                r.fault = job.body.user.removeprefix("fault:")
         job.submit()
         if job.stream:
             return StreamingResponse(job.sse(request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await job.collect(request)
 
+    def openapi() -> dict:
+        """FastAPI's document, less the 422 it adds to every route: validation errors here are 400."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

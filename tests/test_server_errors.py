@@ -90,8 +90,7 @@ def assert_error(r: httpx.Response, status: int, param="<any>", code="<any>", ty
     assert err["param"] is None or isinstance(err["param"], str), err
     assert err["code"] is None or isinstance(err["code"], str), err
     if param != "<any>":
-        # pydantic may name the union branch too ("prompt.str"): the field comes first
-        assert err["param"] == param or (param and (err["param"] or "").startswith(param + ".")), err
+        assert err["param"] == param, err
     if code != "<any>":
         assert err["code"] == code, err
     if type_ is not None:
@@ -191,7 +190,7 @@ CHAT_400 = [
     ("empty-messages", chat(messages=[]), "messages", None),
     ("messages-not-list", chat(messages="hi"), "messages", None),
     ("bad-role", chat(messages=[{"role": "tool", "content": "hi"}]), "messages.0.role", None),
-    ("content-wrong-type", chat(messages=[{"role": "user", "content": 5}]), "messages.0.content.str", None),
+    ("content-wrong-type", chat(messages=[{"role": "user", "content": 5}]), "messages.0.content", None),
     ("unknown-field", chat(prompt="x"), "prompt", None),
     ("top_logprobs-without-logprobs", chat(top_logprobs=3), "top_logprobs", "logprobs"),
     ("top_logprobs-21", chat(logprobs=True, top_logprobs=21), "top_logprobs", None),
