@@ -102,3 +102,85 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[str, float] | None = None
+
+
+# --- response bodies, for the OpenAPI document (plain JSON Schema; the routes build dicts) --------
+# Declared so that clients and schema-driven tests (tests/test_fuzz.py) can check every answer.
+
+_NULLABLE_STR = {"type": ["string", "null"]}
+_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+          "properties": {k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+_FINISH = {"type": "string", "enum": ["stop", "length"]}
+_LOGPROBS = {"type": ["object", "null"]}
+_UNCERTAINTY = {"type": "array", "items": {"type": "object"}}
+
+ERROR_BODY = {
+    "type": "object", "title": "Error", "required": ["error"], "additionalProperties": False,
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"],
+                             "additionalProperties": False,
+                             "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                                            "param": _NULLABLE_STR, "code": _NULLABLE_STR}}},
+}
+COMPLETION_BODY = {
+    "type": "object", "title": "Completion", "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"},
+        "model": {"type": "string"}, "usage": _USAGE,
+        "choices": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["text", "index", "logprobs", "finish_reason"],
+            "properties": {"text": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
+                           "logprobs": _LOGPROBS, "finish_reason": _FINISH, "uncertainty": _UNCERTAINTY}}},
+    },
+}
+CHAT_COMPLETION_BODY = {
+    "type": "object", "title": "ChatCompletion", "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": {"type": "integer"},
+        "model": {"type": "string"}, "usage": _USAGE,
+        "choices": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["index", "message", "logprobs", "finish_reason"],
+            "properties": {"index": {"type": "integer", "minimum": 0}, "logprobs": _LOGPROBS, "finish_reason": _FINISH,
+                           "message": {"type": "object", "required": ["role", "content"],
+                                       "properties": {"role": {"const": "assistant"}, "content": _NULLABLE_STR}},
+                           "uncertainty": _UNCERTAINTY}}},
+    },
+}
+MODEL_CARD = {
+    "type": "object", "title": "Model", "required": ["id", "object", "created", "owned_by"],
+    "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+                   "owned_by": {"type": "string"}, "model_type": {"type": "string"},
+                   "parameters": {"type": "integer"}, "context_length": {"type": "integer"}},
+}
+MODEL_LIST = {"type": "object", "title": "ModelList", "required": ["object", "data"],
+              "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": MODEL_CARD}}}
+HEALTH_BODY = {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
+READY_BODY = {"type": "object", "required": ["status", "models"],
+              "properties": {"status": {"type": "string", "enum": ["ready", "not ready"]},
+                             "models": {"type": "object", "additionalProperties": {"type": "string"}}}}
+_CHUNK_CHOICE = {"type": "object", "required": ["index", "logprobs", "finish_reason"],
+                 "properties": {"index": {"type": "integer", "minimum": 0}, "logprobs": _LOGPROBS,
+                                "finish_reason": {"type": ["string", "null"], "enum": ["stop", "length", None]},
+                                "uncertainty": _UNCERTAINTY}}
+COMPLETION_CHUNK = {
+    "type": "object", "title": "CompletionChunk", "required": ["id", "object", "created", "model", "choices"],
+    "properties": {"id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"},
+                   "model": {"type": "string"}, "usage": _USAGE,
+                   "choices": {"type": "array", "items": {**_CHUNK_CHOICE, "required": [*_CHUNK_CHOICE["required"], "text"],
+                                                          "properties": {**_CHUNK_CHOICE["properties"],
+                                                                         "text": {"type": "string"}}}}},
+}
+CHAT_COMPLETION_CHUNK = {
+    "type": "object", "title": "ChatCompletionChunk", "required": ["id", "object", "created", "model", "choices"],
+    "properties": {"id": {"type": "string"}, "object": {"const": "chat.completion.chunk"}, "created": {"type": "integer"},
+                   "model": {"type": "string"}, "usage": _USAGE,
+                   "choices": {"type": "array", "items": {**_CHUNK_CHOICE, "required": [*_CHUNK_CHOICE["required"], "delta"],
+                                                          "properties": {**_CHUNK_CHOICE["properties"],
+                                                                         "delta": {"type": "object"}}}}},
+}
+
+
+def stream_event(chunk: dict) -> dict:
+    """One server-sent event of a stream: `data:` a chunk, an in-band error, or the final [DONE]."""
+    return {"type": "object", "required": ["data"], "properties": {"data": {"type": "string", "anyOf": [
+        {"const": "[DONE]"},
+        {"contentMediaType": "application/json", "contentSchema": {"anyOf": [chunk, ERROR_BODY]}}]}}}

@@ -19,8 +19,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.config import ServerConfig
 from app.engine import Engine
 from app.metrics import CONTENT_TYPE_LATEST, Metrics
-from app.schemas import (CHAT_COMPLETION_BODY, COMPLETION_BODY, ERROR_BODY, HEALTH_BODY, MODEL_CARD, MODEL_LIST,
-                         READY_BODY, ChatCompletionRequest, CompletionRequest)
+from app.schemas import (CHAT_COMPLETION_BODY, CHAT_COMPLETION_CHUNK, COMPLETION_BODY, COMPLETION_CHUNK, ERROR_BODY,
+                         HEALTH_BODY, MODEL_CARD, MODEL_LIST, READY_BODY, ChatCompletionRequest, CompletionRequest,
+                         stream_event)
 from app import service
 from app.service import APIError
 
@@ -30,10 +31,10 @@ log = logging.getLogger("pcgpt.server")
 FAULT_INJECTION_ENV = "PCGPT_FAULT_INJECTION"
 
 
-def _json(schema: dict, description: str, stream: bool = False) -> dict:
+def _json(schema: dict, description: str, stream_chunk: dict | None = None) -> dict:
     content = {"application/json": {"schema": schema}}
-    if stream:
-        content["text/event-stream"] = {"schema": {"type": "string", "description": "data: {chunk} lines, then data: [DONE]"}}
+    if stream_chunk is not None:  # with "stream": true, server-sent events instead (the schema is one event's)
+        content["text/event-stream"] = {"schema": stream_event(stream_chunk)}
     return {"description": description, "content": content}
 
 
@@ -248,14 +249,14 @@ def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
         return service.model_card(model_id, engines[model_id], request.app.state.metadata[model_id])
 
     @app.post("/v1/completions", dependencies=[Depends(require_api_key)], summary="text completion (OpenAI)",
-              responses={200: _json(COMPLETION_BODY, "the completion, or its SSE stream", True), **INFERENCE_RESPONSES})
+              responses={200: _json(COMPLETION_BODY, "the completion, or its SSE stream", COMPLETION_CHUNK), **INFERENCE_RESPONSES})
     async def completions(body: CompletionRequest, request: Request):
         engine = engine_for(request, body.model)
         job = service.completion_job(body, engine, config)
         return await _run(job, engine, request)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], summary="chat completion (OpenAI)",
-              responses={200: _json(CHAT_COMPLETION_BODY, "the chat completion, or its SSE stream", True),
+              responses={200: _json(CHAT_COMPLETION_BODY, "the chat completion, or its SSE stream", CHAT_COMPLETION_CHUNK),
                          **INFERENCE_RESPONSES})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = engine_for(request, body.model)
