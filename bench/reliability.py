@@ -58,7 +58,7 @@ from tests.serving import BASELINE, PCGPT, Server, free_port  # noqa: E402
 MODEL = "shakespeare-char"
 BATCH, QUEUE = 4, 8  # the server the load runs use: 4 KV-cache slots, 8 queue places
 RSS_RETURN_MB = 64.0  # overload: RSS after the last wave may exceed RSS after the first by this much
-LEAK_MB = 48.0  # soak: RSS growth after warm-up over this fails the run
+LEAK_MB = 16.0  # soak: RSS growth after warm-up over this fails the run (observed: ±0.5 MB)
 PROMPTS = ["ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING RICHARD III:\n", "To be, or not to be",
            "O, ", "What light through yonder", "MENENIUS:\nI tell you"]
 SERVER_ARGS = ("--max-batch-size", str(BATCH), "--max-queue", str(QUEUE), "--drain-seconds", "5")
