@@ -297,6 +297,10 @@ def _error_driven(body, engine) -> ErrorDrivenParams | None:
 def _encode(engine, text: str, config, param: str) -> list[int]:
     if len(text) > config.max_prompt_chars:
         raise APIError(400, f"{param} is {len(text)} characters; the limit is {config.max_prompt_chars}", param=param)
+    try:  # JSON's "\ud800" escape gives a lone surrogate: no tokenizer sees it, no response can encode it
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} is not valid Unicode: a lone surrogate at character {e.start}", param=param) from None
     try:
         return engine.tokenizer.encode(text)
     except TokenizerError as e:
@@ -308,10 +312,6 @@ def _fit(engine, ids: list[int], max_tokens: int, truncate: int | None, param: s
     block = engine.block_size
     if truncate is not None:
         ids = ids[-truncate:]
-    try:  # JSON's "\ud800" escape gives a lone surrogate: no tokenizer sees it, no response can encode it
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise APIError(400, f"{param} is not valid Unicode: a lone surrogate at character {e.start}", param=param) from None
         if len(ids) + max_tokens > block:
             ids = ids[len(ids) + max_tokens - block:]
     if not ids:
