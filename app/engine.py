@@ -112,7 +112,8 @@ class Engine:
         self.sampler_defaults = sampler_defaults or {}
         self.device = model.lm_head.weight.device
         self.block_size = model.config.block_size
-        self.vocab = model.config.vocab_size
+        # the tokenizer's vocabulary: logits past it (nanoGPT pads 50257 to 50304) are dropped
+        self.vocab = tokenizer.vocab_size
         self.cache = model.new_cache(max_batch_size, max_len=self.block_size)
         # per-slot token statistics for the penalties, on the model's device
         self.prompt_mask = torch.zeros(max_batch_size, self.vocab, dtype=torch.bool, device=self.device)
@@ -274,7 +275,7 @@ class Engine:
     def _prompt_token_infos(self, r: Request, logits: torch.Tensor) -> list[dict]:
         """OpenAI's echo: the first prompt token has no logprob; each later one is scored by the
         prediction at the position before it."""
-        lp = torch.log_softmax(logits.float(), dim=-1)
+        lp = torch.log_softmax(logits[:, :self.vocab].float(), dim=-1)
         ids = r.prompt_ids
         infos = [{"id": ids[0], "text": self._token_text(ids[0]), "logprob": None, "top_logprobs": None}]
         k = r.logprobs or 0
@@ -323,7 +324,7 @@ class Engine:
                             dtype=torch.long, device=self.device)
 
     def _sample_and_emit(self, rows: list[Sequence], logits: torch.Tensor, stats: dict, prompt_tokens=None) -> None:
-        raw = logits.float()
+        raw = logits[:, :self.vocab].float()
         slots = torch.tensor([s.slot for s in rows], dtype=torch.long, device=self.device)
         batch = BatchSampling.from_params([s.request.sampling for s in rows], self.device)
         x = apply_penalties(raw, self.prompt_mask[slots], self.output_counts[slots], batch) if batch.use_penalties else raw

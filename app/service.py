@@ -49,6 +49,17 @@ def model_card(name: str, engine, metadata: dict) -> dict:
     return card
 
 
+def sampler_defaults(metadata: dict, tokenizer) -> dict:
+    """The error-driven sampler's defaults for a checkpoint: its own "sampler" entry, else τ = its
+    validation cross-entropy in bits for a char model (DESIGN §5) and 5 bits for BPE."""
+    defaults = dict(metadata.get("sampler") or {})
+    val_loss = (metadata.get("eval") or {}).get("val_loss") if isinstance(metadata.get("eval"), dict) else None
+    if "tau" not in defaults:
+        char = tokenizer.name == "char" and isinstance(val_loss, (int, float)) and val_loss > 0
+        defaults["tau"] = val_loss / math.log(2) if char else 5.0
+    return defaults
+
+
 def chat_prompt(messages) -> str:
     turns = []
     for m in messages:

