@@ -7,23 +7,24 @@ import sys
 
 def register(sub, model_args, env):
     from model.train import TrainConfig
-    t = sub.add_parser("train", help="train a baseline or PC model (nanoGPT-style loop)")
+    t = sub.add_parser("train", help="train a baseline or PC model (nanoGPT-style loop)",
+                       description="Defaults: model/train.py TrainConfig; the gpt2 presets take nanoGPT's "
+                                   "(lr 6e-4, warmup 2000, 12 x 5 accumulation, betas 0.9/0.95, ...).")
+    # every default is None here, so train_config() can tell a value given from a preset's default
     for f in dataclasses.fields(TrainConfig):
         if f.name == "command":
             continue
         flag = "--" + f.name.replace("_", "-")
         required = f.default is dataclasses.MISSING
-        kind = f.type if isinstance(f.type, type) else str(f.type)
-        if kind in (bool, "bool"):
-            t.add_argument(flag, action="store_true", default=f.default)
-        elif kind in (int, "int"):
-            t.add_argument(flag, type=int, default=None if required else f.default, required=required)
-        elif kind in (float, "float"):
-            t.add_argument(flag, type=float, default=None if required else f.default, required=required)
-        elif "int" in str(kind) and "None" in str(kind):
-            t.add_argument(flag, type=int, default=f.default)
+        kind = str(f.type)
+        if kind == "bool" or f.type is bool:
+            t.add_argument(flag, action="store_true", default=None)
+        elif "int" in kind or f.type is int:
+            t.add_argument(flag, type=int, default=None, required=required)
+        elif "float" in kind or f.type is float:
+            t.add_argument(flag, type=float, default=None, required=required)
         else:
-            t.add_argument(flag, default=None if required else f.default, required=required)
+            t.add_argument(flag, default=None, required=required)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="loss, perplexity, settling effect and calibration on a text file")
@@ -40,9 +41,9 @@ def register(sub, model_args, env):
 
 
 def cmd_train(args) -> int:
-    from model.train import TrainConfig, command_line, train
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "command"}
-    cfg = TrainConfig(**values, command=command_line())
+    from model.train import TrainConfig, command_line, train, train_config
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "command"}
+    cfg = train_config({**given, "command": command_line()})
     result = train(cfg)
     print(json.dumps(result))
     return 0

@@ -63,6 +63,25 @@ class TrainConfig:
     command: str = field(default="", repr=False)  # the command line that started this run, recorded in the checkpoint
 
 
+# nanoGPT's train.py defaults for the GPT-2 shapes (its config/train_gpt2.py): 12 sequences × 5
+# accumulation steps of 1024 tokens per device, lr 6e-4 with 2000 warmup steps and cosine decay to
+# 6e-5, weight decay 0.1, clip 1.0, betas 0.9 / 0.95. A preset's defaults apply where the command
+# line names no value of its own.
+GPT2_TRAIN_DEFAULTS = dict(tokenizer="gpt2", block_size=1024, batch_size=12, grad_accum=5, learning_rate=6e-4,
+                           min_lr=6e-5, warmup_iters=2000, max_iters=600_000, lr_decay_iters=600_000,
+                           weight_decay=0.1, grad_clip=1.0, beta1=0.9, beta2=0.95, eval_interval=2000,
+                           eval_iters=200, dropout=0.0)
+PRESET_TRAIN_DEFAULTS = {name: GPT2_TRAIN_DEFAULTS for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+
+
+def train_config(given: dict) -> TrainConfig:
+    """A TrainConfig from the values a user gave (None = not given): the preset's defaults first,
+    then the dataclass's."""
+    preset = given.get("preset") or TrainConfig.__dataclass_fields__["preset"].default
+    values = {**PRESET_TRAIN_DEFAULTS.get(preset, {}), **{k: v for k, v in given.items() if v is not None}}
+    return TrainConfig(**values)
+
+
 def load_text_splits(path: str, tokenizer):
     text = Path(path).read_text(encoding="utf-8")
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
