@@ -130,6 +130,9 @@ class Engine:
         self.steps_run = 0
         self.batch_size_counts: dict[int, int] = {}
         self.fault_injector = None  # tests: a callable(seq) that may raise inside one row's step
+        # events of the running step, handed to the event loops in one call per loop (see _flush)
+        self._outbox: list | None = None
+        self._children: dict = {}  # metrics series -> this model's labelled child (_series)
         if metrics:  # weights on the model's device: the one memory series every device has
             metrics.device_memory.labels(model=name, kind="weights").set(
                 sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]))
@@ -213,12 +216,18 @@ class Engine:
 
     def step(self) -> None:
         """Admit and prefill what fits, then one batched decode step."""
-        self._drop_cancelled()
-        self._admit()
-        rows = [s for s in self.running if s.last_token is not None]
-        if rows:
-            self._decode(rows)
-        self._gauges()
+        self._outbox = []
+        try:
+            self._drop_cancelled()
+            self._admit()
+            rows = [s for s in self.running if s.last_token is not None]
+            if rows:
+                self._decode(rows)
+                self._flush()
+            self._gauges()
+        finally:
+            self._flush()
+            self._outbox = None
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -242,13 +251,14 @@ class Engine:
             self.running.append(seq)
             now = time.perf_counter()
             if self.metrics:
-                self.metrics.queue_time.labels(model=self.name).observe(now - request.arrival)
-                self.metrics.prompt_tokens.labels(model=self.name).inc(len(request.prompt_ids))
+                self._series("queue_time").observe(now - request.arrival)
+                self._series("prompt_tokens").inc(len(request.prompt_ids))
             try:
                 self._prefill(seq)
             except Exception as e:
                 log.exception("prefill failed for one request of %s", self.name)
                 self._fail(seq, e)
+            self._flush()  # its first token goes out now, not after the other admissions
 
     def _accepting_or_draining(self) -> bool:
         return not self._stop
@@ -310,8 +320,8 @@ class Engine:
         self.steps_run += 1
         self.batch_size_counts[len(rows)] = self.batch_size_counts.get(len(rows), 0) + 1
         if self.metrics:
-            self.metrics.batch_size.labels(model=self.name).observe(len(rows))
-            self.metrics.decode_steps.labels(model=self.name).inc()
+            self._series("batch_size").observe(len(rows))
+            self._series("decode_steps").inc()
         for s in rows:
             s.pos += 1
         self._sample_and_emit(rows, logits, stats)
@@ -408,11 +418,11 @@ class Engine:
         info["uncertainty"] = _finite(u)
         if self.metrics:
             m = self.metrics
-            m.entropy.labels(model=self.name).observe(u["entropy"])
-            m.surprise.labels(model=self.name).observe(min(u["surprise"], 1e6))
+            self._series("entropy").observe(u["entropy"])
+            self._series("surprise").observe(min(u["surprise"], 1e6))
             if host_stats:
-                m.settle_steps.labels(model=self.name).observe(u["steps"])
-                m.energy.labels(model=self.name).observe(u["energy"])
+                self._series("settle_steps").observe(u["steps"])
+                self._series("energy").observe(u["energy"])
         return info
 
     def _token_text(self, token: int) -> str:
@@ -423,10 +433,10 @@ class Engine:
         r = seq.request
         if self.metrics:
             if seq.first_token_at is None:
-                self.metrics.ttft.labels(model=self.name).observe(now - r.arrival)
+                self._series("ttft").observe(now - r.arrival)
             else:
-                self.metrics.itl.labels(model=self.name).observe(now - seq.last_token_at)
-            self.metrics.generation_tokens.labels(model=self.name).inc()
+                self._series("itl").observe(now - seq.last_token_at)
+            self._series("generation_tokens").inc()
         if seq.first_token_at is None:
             seq.first_token_at = now
         seq.last_token_at = now
@@ -494,7 +504,7 @@ class Engine:
         if self.metrics:
             self.metrics.requests.labels(model=self.name, finish_reason=reason).inc()
             if seq.first_token_at is not None:
-                self.metrics.e2e.labels(model=self.name).observe(time.perf_counter() - r.arrival)
+                self._series("e2e").observe(time.perf_counter() - r.arrival)
         self._emit(r, DoneEvent(r.index, reason, len(r.prompt_ids), seq.generated))
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
@@ -507,27 +517,60 @@ class Engine:
         self._emit(seq.request, ErrorEvent(seq.request.index, f"generation failed: {type(error).__name__}: {error}"))
 
     def _emit(self, r: Request, event) -> None:
-        if r.loop is not None and r.events is not None:
+        if r.loop is None or r.events is None:
+            return
+        if self._outbox is not None:  # inside a step: delivered by _flush, with the step's others
+            self._outbox.append((r, event))
+            return
+        try:
+            r.loop.call_soon_threadsafe(r.events.put_nowait, event)
+        except RuntimeError:
+            pass  # the client's event loop is gone
+
+    def _flush(self) -> None:
+        """Hands the events collected so far to their event loops: one call_soon_threadsafe per
+        loop rather than per event, so a step of B rows wakes the HTTP loop (and takes the GIL
+        from this thread) once instead of B times. Order per request is kept."""
+        if not self._outbox:
+            return
+        by_loop: dict = {}
+        for r, event in self._outbox:
+            by_loop.setdefault(r.loop, []).append((r.events, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
             try:
-                r.loop.call_soon_threadsafe(r.events.put_nowait, event)
+                loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:
                 pass  # the client's event loop is gone
+
+    def _series(self, name: str):
+        """This model's child of a metrics series, looked up once (labels() costs microseconds,
+        and the token path observes several series per token)."""
+        child = self._children.get(name)
+        if child is None:
+            child = self._children[name] = getattr(self.metrics, name).labels(model=self.name)
+        return child
 
     def _gauges(self) -> None:
         if not self.metrics:
             return
         m = self.metrics
-        m.running.labels(model=self.name).set(len(self.running))
-        m.waiting.labels(model=self.name).set(len(self.waiting))
+        self._series("running").set(len(self.running))
+        self._series("waiting").set(len(self.waiting))
         used = sum(s.pos for s in self.running)
         capacity = self.cache.n_slots * self.cache.max_len
-        m.kv_usage.labels(model=self.name).set(used / capacity)
+        self._series("kv_usage").set(used / capacity)
         per_token = self.cache.bytes_per_token()
         m.kv_bytes.labels(model=self.name, state="allocated").set(self.cache.nbytes)
         m.kv_bytes.labels(model=self.name, state="used").set(used * per_token)
         if self.device.type == "cuda":
             m.device_memory.labels(model=self.name, kind="allocated").set(torch.cuda.memory_allocated(self.device))
             m.device_memory.labels(model=self.name, kind="reserved").set(torch.cuda.memory_reserved(self.device))
+
+
+def _put_all(items) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

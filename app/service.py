@@ -132,10 +132,14 @@ class Job:
                     checked = time.monotonic()
                     if await request.is_disconnected():
                         return
-                try:
-                    event = await asyncio.wait_for(self.queue.get(), timeout=0.2)
-                except asyncio.TimeoutError:
-                    continue
+                try:  # an event already queued needs no wait (no task, no timer: cheaper per token)
+                    event = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    try:
+                        async with asyncio.timeout(0.2):
+                            event = await self.queue.get()
+                    except TimeoutError:
+                        continue
                 if isinstance(event, (DoneEvent, ErrorEvent)):
                     open_choices -= 1
                 yield event

@@ -107,17 +107,23 @@ class KVCache:
         self.k[layer, rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
         self.v[layer, rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
 
-    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (B, H, length, D) of positions [0, length) for rows `slots`."""
-        if _is_contiguous_range(slots):
-            start = int(slots[0])
-            end = start + slots.shape[0]
-            return self.k[layer, start:end, :, :length], self.v[layer, start:end, :, :length]
-        return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
+    def read(self, layer: int, slots: torch.Tensor, length: int, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, length, D) of positions [0, length) for rows `slots`; `rows` is
+        slot_rows(slots) when the caller has it already (one forward reads every layer)."""
+        rows = slot_rows(slots) if rows is None else rows
+        return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length]
+
+
+def slot_rows(slots: torch.Tensor):
+    """The index that reads rows `slots` of the cache: a slice (a view, no gather) when the batch
+    is slots a, a+1, ..., a+B-1 (the common case), else the slots tensor itself."""
+    if _is_contiguous_range(slots):
+        start = int(slots[0])
+        return slice(start, start + slots.shape[0])
+    return slots
 
 
 def _is_contiguous_range(slots: torch.Tensor) -> bool:
-    # a view instead of a gather when the batch is slots a, a+1, ..., a+B-1 (the common case)
     if slots.device.type != "cpu":
         return False
     n = slots.shape[0]
@@ -128,6 +134,25 @@ def attention_mask(input_pos: torch.Tensor, length: int) -> torch.Tensor:
     """Boolean mask (B, 1, S, length): a query at position p sees keys at positions <= p."""
     key_pos = torch.arange(length, device=input_pos.device)
     return (key_pos[None, None, None, :] <= input_pos[:, None, :, None])
+
+
+@dataclass
+class CacheContext:
+    """What every layer's cached attention shares within one forward, computed once per forward
+    rather than once per layer (on a small model these small ops are much of a decode step)."""
+
+    length: int  # keys read: positions [0, length), the furthest row's
+    mask: torch.Tensor | None  # (B, 1, S, length) or None when every query sees every key read
+    rows: object  # slot_rows(slots)
+
+    @classmethod
+    def build(cls, slots: torch.Tensor, input_pos: torch.Tensor) -> "CacheContext":
+        length = int(input_pos.max()) + 1
+        if input_pos.shape[1] == 1 and bool((input_pos == length - 1).all()):
+            mask = None  # one query per row, all rows at the last position: nothing to mask
+        else:
+            mask = attention_mask(input_pos, length)
+        return cls(length, mask, slot_rows(slots))
 
 
 class CausalSelfAttention(nn.Module):
@@ -149,26 +174,27 @@ class CausalSelfAttention(nn.Module):
         split = lambda t: t.view(B, S, self.n_head, C // self.n_head).transpose(1, 2)
         return split(q), split(k), split(v)
 
-    def attend(self, q, k, v, mask=None):
-        """Attention output projected back to the residual stream; mask None means causal."""
+    def attend(self, q, k, v, mask=None, causal=True):
+        """Attention output projected back to the residual stream; mask None means causal, or
+        no mask at all with causal=False."""
         B, H, S, D = q.shape
         dropout = self.attn_dropout if self.training else 0.0
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, S, H * D)
         return self.resid_dropout(self.c_proj(y))
 
-    def forward(self, x, layer=0, input_pos=None, kv_cache=None, slots=None):
+    def forward(self, x, layer=0, input_pos=None, kv_cache=None, slots=None, ctx: CacheContext | None = None):
         q, k, v = self.qkv(x)
         if kv_cache is None:
             return self.attend(q, k, v)
         kv_cache.write(layer, slots, input_pos, k, v)
         # only the window up to the furthest position in the batch takes part
-        length = int(input_pos.max()) + 1
-        k_all, v_all = kv_cache.read(layer, slots, length)
-        return self.attend(q, k_all.to(q.dtype), v_all.to(q.dtype), attention_mask(input_pos, length))
+        ctx = ctx or CacheContext.build(slots, input_pos)
+        k_all, v_all = kv_cache.read(layer, slots, ctx.length, ctx.rows)
+        return self.attend(q, k_all.to(q.dtype), v_all.to(q.dtype), ctx.mask, causal=False)
 
 
 class MLP(nn.Module):
@@ -193,8 +219,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, layer=0, input_pos=None, kv_cache=None, slots=None):
-        x = x + self.attn(self.ln_1(x), layer, input_pos, kv_cache, slots)
+    def forward(self, x, layer=0, input_pos=None, kv_cache=None, slots=None, ctx=None):
+        x = x + self.attn(self.ln_1(x), layer, input_pos, kv_cache, slots, ctx)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -266,11 +292,13 @@ class GPT(nn.Module):
         With a cache: `input_pos` (B, S) gives each token's position and `slots` (B,) the cache
         row of each sequence; the new K/V are stored and attention reads the slot's history.
         """
+        ctx = None
         if kv_cache is not None:
             assert input_pos is not None and slots is not None, "cached forward needs input_pos and slots"
+            ctx = CacheContext.build(slots, input_pos)
         x = self.embed(idx, input_pos)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, input_pos, kv_cache, slots)
+            x = block(x, layer, input_pos, kv_cache, slots, ctx)
         return self.head(x)
 
     def forward_cached(self, idx, input_pos, kv_cache, slots, settle_steps=None, last_only=True):
@@ -278,8 +306,9 @@ class GPT(nn.Module):
         token when last_only, else (B, S, V). The baseline has no per-token stats and no
         settling; `settle_steps` is accepted so both model types share one call."""
         x = self.embed(idx, input_pos)
+        ctx = CacheContext.build(slots, input_pos)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, input_pos, kv_cache, slots)
+            x = block(x, layer, input_pos, kv_cache, slots, ctx)
         # the output head is the largest matmul for a small model: run it only where needed
         return self.head(x[:, -1] if last_only else x), {}
 
