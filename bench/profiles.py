@@ -1,0 +1,144 @@
+"""Profiles behind the numbers: where the time of one decode step goes.
+
+  profile_gpt2_b1.txt     torch.profiler, GPT-2 124M batch-1 decode steps (ours): op table
+  profile_engine_char.txt cProfile of the real engine's step() with 32 running char requests
+  profile_pc_T2.txt       torch.profiler, PC char model, batch-1 decode at T = 2
+"""
+
+import copy
+import cProfile
+import io
+import pstats
+import time
+import types
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
+
+from bench.common import RESULTS, median, set_threads
+from model.generate import decode, prefill
+
+
+def _decode_steps(model, B, n, settle=None):
+    cache = model.new_cache(B, max_len=16 + n + 1)
+    prompts = torch.randint(0, model.config.vocab_size, (B, 16), generator=torch.Generator().manual_seed(0))
+    logits = torch.stack([prefill(model, prompts[b], cache, b, settle)[0] for b in range(B)])
+    slots, pos = torch.arange(B), torch.full((B,), 16, dtype=torch.long)
+    steps = None if settle is None else torch.full((B,), settle, dtype=torch.long)
+
+    def step():
+        nonlocal logits
+        logits, _ = decode(model, logits.argmax(-1), pos, cache, slots, steps)
+        pos.add_(1)
+
+    return step
+
+
+def torch_profile(step, n, title, path):
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    path.write_text(f"{title}\n{n} decode steps profiled\n\n{table}\n")
+
+
+def engine_profile(path, n_rows=32, n_steps=60):
+    from app.engine import Engine, Request
+    from app.metrics import Metrics
+    from bench.common import CHAR_CKPT
+    from model.checkpoint import load_checkpoint
+    from model.sampling import SamplingParams
+    model, tok, _ = load_checkpoint(CHAR_CKPT)
+    model.requires_grad_(False)
+    engine = Engine("prof", model, tok, Metrics(), max_batch_size=n_rows, max_queue=n_rows)
+    # the engine's thread is not started: step() is driven by hand below
+    for i in range(n_rows):
+        r = Request(prompt_ids=tok.encode("ROMEO:\nWhat light"), max_tokens=n_steps + 5,
+                    sampling=SamplingParams(temperature=1.0, seed=i))
+        engine.waiting.append(r)
+    torch.set_grad_enabled(False)
+    engine.step()  # admit + prefill everything
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n_steps):
+        engine.step()
+    prof.disable()
+    torch.set_grad_enabled(True)
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
+    path.write_text(f"cProfile of Engine.step() with {n_rows} running char-model requests, {n_steps} steps "
+                    f"(torch threads {torch.get_num_threads()})\n\n{s.getvalue()}")
+
+
+def _median_step_ms(model, B=1, n=40):
+    cache = model.new_cache(B, 16 + n + 1)
+    slots, tok = torch.arange(B), torch.zeros(B, 1, dtype=torch.long)
+    times = []
+    for i in range(n):
+        pos = torch.full((B, 1), 16 + i)
+        t0 = time.perf_counter()
+        model.forward_cached(tok, pos, cache, slots)
+        times.append(time.perf_counter() - t0)
+    return 1000 * median(times[5:])
+
+
+@torch.no_grad()
+def gpt2_breakdown(ours, quick=False):
+    """Where a batch-1 GPT-2 decode step goes, all in this process on the same weights: the full
+    step; every weight matrix applied alone (the weights-only pass); the step with the weight
+    matrices stubbed out (everything else); and the same step with bf16 weights, with how far
+    its logits move from fp32."""
+    n = 15 if quick else 40
+    out = {"step_ms": _median_step_ms(ours, n=n)}
+    lins = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {k: torch.randn(1, 1, k) for k in {m.in_features for m in lins}}
+    passes = []
+    for _ in range(n // 2):
+        t0 = time.perf_counter()
+        for m in lins:
+            m(inputs[m.in_features])
+        passes.append(time.perf_counter() - t0)
+    out["weights_only_pass_ms"] = 1000 * median(passes[2:])
+    bf = copy.deepcopy(ours).to(torch.bfloat16)
+    out["bf16_step_ms"] = _median_step_ms(bf, n=n)
+    x = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+    l32, lbf = ours(x).float(), bf(x).float()
+    lp32, lpbf = torch.log_softmax(l32, -1), torch.log_softmax(lbf, -1)
+    out["bf16_max_abs_dlogit"] = float((l32 - lbf).abs().max())
+    out["fp32_logit_std"] = float(l32.std())
+    out["bf16_top1_agree"] = float((l32.argmax(-1) == lbf.argmax(-1)).float().mean())
+    out["bf16_mean_kl_nats"] = float((lp32.exp() * (lp32 - lpbf)).sum(-1).mean())
+    del bf
+    for m in lins:  # stub the matrices: a preallocated output of the right shape
+        z = torch.zeros(1, 1, m.out_features)
+        m.forward = types.MethodType(lambda self, x, z=z: z[:x.shape[0]] if x.dim() == 3 else z[:x.shape[0], 0], m)
+    out["no_weights_step_ms"] = _median_step_ms(ours, n=n)
+    return out
+
+
+def run(quick=False):
+    set_threads()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=3, desc="profiles", unit="profile") as bar:
+        from bench.models import gpt2_pair
+        ours, hf, _ = gpt2_pair()
+        del hf
+        with torch.no_grad():
+            torch_profile(_decode_steps(ours, 1, 12), 3 if quick else 8,
+                          "GPT-2 124M (random weights), ours, batch 1, fp32", RESULTS / "profile_gpt2_b1.txt")
+        breakdown = gpt2_breakdown(ours, quick)
+        del ours
+        bar.update(1)
+        engine_profile(RESULTS / "profile_engine_char.txt", n_steps=20 if quick else 60)
+        bar.update(1)
+        from bench.pc_cost import pc_model
+        pc, _, _ = pc_model()
+        with torch.no_grad():
+            torch_profile(_decode_steps(pc, 1, 30, settle=2), 10 if quick else 20,
+                          "PC char model, batch 1, T = 2", RESULTS / "profile_pc_T2.txt")
+        bar.update(1)
+    return {"files": ["profile_gpt2_b1.txt", "profile_engine_char.txt", "profile_pc_T2.txt"],
+            "threads": torch.get_num_threads(), "gpt2_b1": breakdown}
