@@ -80,4 +80,12 @@ class Metrics:
                 self.rss.set(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
         except OSError:
             pass
-        self.rss_peak.set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        # VmHWM, the process's own peak: ru_maxrss can carry a parent's peak across fork + exec
+        try:
+            with open(f"/proc/{os.getpid()}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        self.rss_peak.set(int(line.split()[1]) * 1024)
+                        break
+        except OSError:
+            self.rss_peak.set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

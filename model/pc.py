@@ -301,13 +301,34 @@ class PCGPT(GPT):
             zs = [z[:, -1:] for z in zs]
             input_pos = input_pos[:, -1:]
         steps = self._steps(settle_steps, idx.shape[0], idx.device)
-        pasts, mask = self.cached_context(kv_cache, slots, input_pos)
-        settled, info = self.settle(zs[0], zs[1:], pasts, mask, steps, self.config.alpha)
-        logits, logits0 = self.head(settled[-1]), self.head(zs[-1])
-        stats = self.uncertainty(logits, logits0, info)
+        if int(steps.max()) == 0:
+            # nothing settles: the baseline's logits, and the feed-forward energy from the
+            # generators alone (no cache reads, no gradient, the head once)
+            logits = self.head(zs[-1])
+            stats = self.uncertainty(logits, logits, self.unsettled_info(zs))
+        else:
+            pasts, mask = self.cached_context(kv_cache, slots, input_pos)
+            settled, info = self.settle(zs[0], zs[1:], pasts, mask, steps, self.config.alpha)
+            logits, logits0 = self.head(settled[-1]), self.head(zs[-1])
+            stats = self.uncertainty(logits, logits0, info)
         if last_only:
             return logits[:, 0], {k: v[:, 0] for k, v in stats.items()}
         return logits, stats
+
+    def unsettled_info(self, zs) -> dict:
+        """settle()'s info for zero steps at the feed-forward states, where the bottom-up errors
+        are zero by construction and the energy is the generators' top-down part."""
+        kappa = self.kappa()
+        below, e_down = zs[0], []
+        for gen, z in zip(self.generators, zs[1:]):
+            e = below - gen(z)
+            e_down.append((e * e).sum(-1))
+            below = z
+        e_down = torch.stack(e_down, dim=-1)
+        E = 0.5 * (kappa * e_down).sum(-1)
+        zeros = torch.zeros(E.shape, dtype=torch.long, device=E.device)
+        return {"energy0": E, "energy": E, "steps": zeros, "rejected": zeros,
+                "err_up": torch.zeros_like(e_down), "err_down": e_down}
 
     def uncertainty(self, logits, logits0, info) -> dict:
         """Per-position diagnostics of the settling, in the units the API reports."""

@@ -557,3 +557,23 @@ def test_train_pc_resume(trained):
     straight, _, _ = load_checkpoint(whole_out)
     for (k, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=k)
+
+
+@torch.no_grad()
+def test_zero_step_shortcut_reports_what_the_settling_path_reports():
+    """A batch where nothing settles skips settle(); its logits and diagnostics must equal those of
+    the same row decoded in a batch where another row settles (which runs settle())."""
+    gpt, pc = make_models()
+    idx = tokens(2, 9)
+    outs = {}
+    for name, steps in (("shortcut", [0, 0]), ("settling", [0, 3])):
+        cache = pc.new_cache(2)
+        slots = torch.tensor([0, 1])
+        pc.forward_cached(idx[:, :8], torch.arange(8).expand(2, 8), cache, slots, torch.tensor(steps))
+        outs[name] = pc.forward_cached(idx[:, 8:], torch.full((2, 1), 8), cache, slots, torch.tensor(steps))
+    (l_fast, s_fast), (l_full, s_full) = outs["shortcut"], outs["settling"]
+    torch.testing.assert_close(l_fast[0], l_full[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(l_fast[0], gpt(idx)[0, 8], atol=1e-5, rtol=0)
+    for key in ("energy0", "energy", "kl_settle", "err_down"):
+        torch.testing.assert_close(s_fast[key][0], s_full[key][0], atol=1e-6, rtol=1e-4)
+    assert int(s_fast["steps"][0]) == 0 and float(s_fast["err_up"][0].abs().max()) == 0.0
