@@ -244,7 +244,7 @@ def md_targets(dec, pc, http, roof):
         if zero:
             rows.append(["PC at T = 0 (predicted 1×: no settling)",
                          ", ".join(f"{r['multiple']:.2f}× at batch {r['batch']}" for r in zero),
-                         "missed: energy0 is still evaluated (see analysis)"
+                         "missed: the generators' energy0 and the uncertainty stats remain (see analysis)"
                          if any(r["multiple"] > 1.2 for r in zero) else "met"])
     return _table(["target", "measured (one run)", "status"], rows)
 
