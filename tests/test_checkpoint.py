@@ -25,13 +25,6 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
 PCGPT = Path(sys.executable).parent / "pcgpt"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on the shared 2-core machine, 2 intra-op threads under load run small ops ~100x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def char_model(seed=0, bias=True):

@@ -20,13 +20,6 @@ PCGPT = Path(sys.executable).parent / "pcgpt"
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on the shared 2-core machine, 2 intra-op threads under load run small ops ~100x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,6 @@ ATOL = 1e-5
 RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on the shared 2-core machine, 2 intra-op threads under load run small ops ~100x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_gpt(seed=0, **overrides):

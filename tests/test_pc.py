@@ -22,13 +22,6 @@ VOCAB = 97  # the tiny preset's
 DATA = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare" / "input.txt"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is many times faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_models(seed=0, dtype=torch.float32, **overrides):
