@@ -37,7 +37,6 @@ of a command-line run go to bench/results/reliability.json.
 import argparse
 import asyncio
 import json
-import os
 import pickle
 import random
 import shutil
@@ -53,7 +52,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.serving import BASELINE, PCGPT, Server, free_port  # noqa: E402
+from tests.serving import PCGPT, Server, free_port, snapshot_baseline  # noqa: E402
 
 MODEL = "shakespeare-char"
 BATCH, QUEUE = 4, 8  # the server the load runs use: 4 KV-cache slots, 8 queue places
@@ -65,24 +64,6 @@ SERVER_ARGS = ("--max-batch-size", str(BATCH), "--max-queue", str(QUEUE), "--dra
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-def snapshot_baseline(dst: Path) -> Path:
-    """A private copy of the shipped baseline (training may rewrite it): retried until it loads."""
-    from model.checkpoint import load_checkpoint
-    error = None
-    for _ in range(20):
-        shutil.rmtree(dst, ignore_errors=True)
-        dst.mkdir(parents=True)
-        try:
-            for name in ("config.json", "model.safetensors"):
-                shutil.copy(BASELINE / name, dst / name)
-            load_checkpoint(dst)
-            return dst
-        except Exception as e:  # noqa: BLE001 - a torn copy fails in many ways
-            error = e
-            time.sleep(0.5)
-    raise RuntimeError(f"could not copy a loadable baseline from {BASELINE}: {error}")
-
 
 @contextmanager
 def serve(ckpt: Path, log_path: Path, fault_injection: bool = False, *extra: str):

@@ -1,6 +1,7 @@
 """Real `pcgpt serve` processes for the integration tests (uvicorn on a free loopback port)."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def snapshot_baseline(dst: Path) -> Path:
+    """A private copy of the shipped baseline, for tests that write beside their checkpoint."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(BASELINE / name, dst / name)
+    return dst
 
 
 def make_pc_checkpoint(directory: Path, seed: int = 0) -> Path:

@@ -11,8 +11,6 @@ content type, headers and body match what /openapi.json declares, and invalid da
 import json
 import os
 import random
-import shutil
-import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +20,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.serving import BASELINE, Server
+from tests.serving import Server, snapshot_baseline
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -40,24 +38,6 @@ SENT = {"requests": 0, "by_status": {}, "streams": {}}
 
 
 # --- fixtures -------------------------------------------------------------------------------------
-
-def snapshot_baseline(dst):
-    """A private copy of the shipped baseline (training may rewrite it): retried until it loads."""
-    from model.checkpoint import load_checkpoint
-    error = None
-    for _ in range(20):
-        shutil.rmtree(dst, ignore_errors=True)
-        dst.mkdir(parents=True)
-        try:
-            for name in ("config.json", "model.safetensors"):
-                shutil.copy(BASELINE / name, dst / name)
-            load_checkpoint(dst)
-            return dst
-        except Exception as e:  # noqa: BLE001 - a torn copy fails in many ways
-            error = e
-            time.sleep(0.5)
-    raise RuntimeError(f"could not copy a loadable baseline: {error}")
-
 
 def make_gpt2_tiny(dst):
     """A tiny random model over GPT-2's BPE vocabulary (50257 tokens, <|endoftext|> = 50256)."""

@@ -13,10 +13,8 @@ schemas (tests/data/openai-schemas.json, a copy of ../shared/data/openai-openapi
 import asyncio
 import json
 import math
-import shutil
 import statistics
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,28 +34,9 @@ VOCAB = 65
 
 # --- fixtures -------------------------------------------------------------------------------------
 
-def _snapshot_baseline(dst: Path) -> Path:
-    """Copies the baseline checkpoint (config + weights) and checks that the copy loads: a copy
-    taken while training rewrites the files can be torn, so retry until one is whole."""
-    from model.checkpoint import load_checkpoint
-    last = None
-    for _ in range(30):
-        shutil.rmtree(dst, ignore_errors=True)
-        dst.mkdir(parents=True)
-        for name in ("config.json", "model.safetensors"):
-            shutil.copy2(serving.BASELINE / name, dst / name)
-        try:
-            load_checkpoint(dst)
-            return dst
-        except Exception as e:  # noqa: BLE001 - any failure to load means a torn copy
-            last = e
-            time.sleep(0.5)
-    raise RuntimeError(f"could not snapshot {serving.BASELINE}: {last}")
-
-
 @pytest.fixture(scope="module")
 def base_path(tmp_path_factory) -> Path:
-    return _snapshot_baseline(tmp_path_factory.mktemp("base") / "shakespeare-char")
+    return serving.snapshot_baseline(tmp_path_factory.mktemp("base") / "shakespeare-char")
 
 
 @pytest.fixture(scope="module")

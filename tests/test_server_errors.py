@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving import BASELINE, PCGPT, Server, free_port
+from tests.serving import PCGPT, Server, free_port, snapshot_baseline
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,20 +33,8 @@ def ckpts(tmp_path_factory):
     from model.pc import PCGPT as PCModel
 
     root = tmp_path_factory.mktemp("ckpts")
-    base_dir = root / "base"
-    base_dir.mkdir()
-    error = None
-    for _ in range(5):  # bounded: a copy taken mid-rewrite fails to load; try again
-        try:
-            for name in ("config.json", "model.safetensors"):
-                shutil.copy(BASELINE / name, base_dir / name)
-            base, tokenizer, _ = load_checkpoint(base_dir)
-            break
-        except Exception as e:  # noqa: BLE001
-            error = e
-            time.sleep(1)
-    else:
-        raise RuntimeError(f"could not copy a loadable baseline: {error}")
+    base_dir = snapshot_baseline(root / "base")
+    base, tokenizer, _ = load_checkpoint(base_dir)
     torch.manual_seed(0)
     pc = PCModel.from_baseline(base)
     save_pcgpt(root / "pc", pc, tokenizer, {"sampler": {"tau": 2.2}})
