@@ -47,7 +47,6 @@ def cmd_generate(args) -> int:
 
 def describe(model, tokenizer, metadata) -> dict:
     """What `pcgpt inspect` prints and /v1/models reports about a loaded model."""
-    import torch
     c = model.config
     return {
         "model_type": model.model_type,

@@ -2,7 +2,6 @@
 
 import logging
 import signal
-import sys
 
 
 def register(sub, model_args, env):

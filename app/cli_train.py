@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import sys
 
 
 def register(sub, model_args, env):

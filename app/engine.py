@@ -417,7 +417,6 @@ class Engine:
             u["n_kept"] = int(ed_info["host"]["n_kept"][j])
         info["uncertainty"] = _finite(u)
         if self.metrics:
-            m = self.metrics
             self._series("entropy").observe(u["entropy"])
             self._series("surprise").observe(min(u["surprise"], 1e6))
             if host_stats:

@@ -7,7 +7,6 @@ Routes are thin: they validate (pydantic, schemas.py), turn a request into engin
 import hmac
 import logging
 import os
-import time
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request

@@ -10,7 +10,7 @@ import math
 import time
 import uuid
 
-from app.engine import DoneEvent, EngineUnavailable, ErrorEvent, QueueFull, Request, TokenEvent
+from app.engine import DoneEvent, EngineUnavailable, ErrorEvent, QueueFull, Request
 from model.sampling import ErrorDrivenParams, SamplingParams
 from model.tokenizer import TokenizerError
 

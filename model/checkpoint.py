@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from model.gpt import GPT, GPTConfig
-from model.tokenizer import CharTokenizer, TokenizerError, gpt2_tokenizer, load_meta_pkl, tokenizer_from_spec
+from model.tokenizer import TokenizerError, gpt2_tokenizer, load_meta_pkl, tokenizer_from_spec
 
 FORMAT_MARKER = "pcgpt"
 FORMAT_VERSION = 1

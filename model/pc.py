@@ -384,7 +384,6 @@ class PCGPT(GPT):
         (the readout's CE joins the energy, so the task reaches the hidden states), then update
         each block, generator and precision from its own error only (states detached), and the
         readout from its CE at the detached top state."""
-        V = self.config.vocab_size
         with torch.no_grad():
             zs = self.feedforward(idx)
             pasts, mask = self.parallel_context(zs)
