@@ -220,8 +220,8 @@ def test_settling_step_is_preconditioned_gradient_of_energy():
 @pytest.mark.parametrize("T", [1, 2, 4])
 def test_feedforward_start_equals_the_full_autograd_start(T):
     """Inference starts from the feed-forward states, where every bottom-up error is zero, so its
-    first step takes the gradient through the generators only (no backward pass through the blocks
-    instead of 5): it must settle to the same states as the full autograd start."""
+    first step takes the gradient through the generators only (no backward pass through the
+    blocks): it must settle to the same states as the full autograd start."""
     _, pc = make_models()
     idx = tokens(3, 10)
     fast, fast_info = settle(pc, idx, T, 0.5)
