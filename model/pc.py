@@ -79,6 +79,12 @@ def attend_with_past(attn, x, k_past, v_past, past_mask):
     return attn.c_proj(y.transpose(1, 2).reshape(B, S, H * D))
 
 
+def sq_norms(errors):
+    """Squared norms of per-layer errors [(B, S, C)] as (B, S, L): stacked first, so a settle step
+    runs three ops here instead of two per layer (the char model's steps are dispatch-bound)."""
+    return torch.stack(errors, dim=-2).square().sum(-1)
+
+
 def block_with_past(block, x, k_past, v_past, past_mask):
     """f_l for settling positions: the baseline block with attend_with_past."""
     x = x + attend_with_past(block.attn, block.ln_1(x), k_past, v_past, past_mask)
@@ -123,8 +129,8 @@ class PCGPT(GPT):
             up.append(zs[l] - block_with_past(block, below, k_past, v_past, past_mask))
             down.append(below - gen(zs[l]))
             below = zs[l]
-        e_up = torch.stack([(e * e).sum(-1) for e in up], dim=-1)  # (B, S, L)
-        e_down = torch.stack([(e * e).sum(-1) for e in down], dim=-1)
+        e_up = sq_norms(up)  # (B, S, L)
+        e_down = sq_norms(down)
         E = 0.5 * e_up.sum(-1) + 0.5 * (kappa * e_down).sum(-1)
         if targets is not None:
             logits = self.head(zs[-1])
@@ -142,7 +148,7 @@ class PCGPT(GPT):
             for gen, z in zip(self.generators, leaves):
                 down.append(below - gen(z))
                 below = z
-            e_down = torch.stack([(e * e).sum(-1) for e in down], dim=-1)
+            e_down = sq_norms(down)
             E = 0.5 * (kappa * e_down).sum(-1)
             grads = torch.autograd.grad(E.sum(), leaves)
         return E.detach(), torch.zeros_like(e_down), e_down.detach(), list(grads)
@@ -169,7 +175,7 @@ class PCGPT(GPT):
         if from_feedforward is None:
             from_feedforward = not create_graph and targets is None
         kappa = self.kappa() if kappa is None else kappa
-        D = self.preconditioner(kappa)
+        inv_D = (1.0 / self.preconditioner(kappa.detach())).tolist()  # κ only scales z's step: no gradient
         B, S, _ = z0.shape
         step_size = torch.full((B, S), float(alpha), device=z0.device, dtype=z0.dtype)
         active = (steps.view(B, 1) > 0).expand(B, S).clone()
@@ -210,27 +216,34 @@ class PCGPT(GPT):
                 if grads is None:
                     grads = torch.autograd.grad(E.sum(), handles, create_graph=create_graph)
                 move = (step_size * active)[..., None]
-                z_new = [z - move * g / D[l] for l, (z, g) in enumerate(zip(zs, grads))]
+                z_new = [torch.addcmul(z, move, g, value=-inv_D[l]) for l, (z, g) in enumerate(zip(zs, grads))]
                 last = t + 1 == max_steps
                 z_new, handles_new, E_new, up_new, down_new = evaluate(z_new, need_grad=not last or create_graph)
                 accept = active & (E_new <= E)
                 reject = active & ~accept
                 grads_new = None if last else torch.autograd.grad(E_new.sum(), handles_new, create_graph=create_graph)
-                keep = accept[..., None]
+                stalled = None
                 if self.config.early_stop > 0:
                     stalled = accept & ((E - E_new) < self.config.early_stop * E.abs())
-                else:
-                    stalled = torch.zeros_like(accept)
-                zs = [torch.where(keep, zn, zo) for zn, zo in zip(z_new, zs)]
-                if grads_new is not None:
-                    grads = [torch.where(keep, gn, go) for gn, go in zip(grads_new, grads)]
-                E = torch.where(accept, E_new, E)
-                e_up = torch.where(keep, up_new, e_up)
-                e_down = torch.where(keep, down_new, e_down)
-                step_size = torch.where(reject, step_size / 2, step_size)
                 used += active.long()
-                rejected += reject.long()
-                active &= ~stalled
+                if bool(accept.all()):
+                    # every position moved (the usual case): take the new states as they are,
+                    # without the dozen selects below (each a dispatch on small tensors)
+                    zs, E, e_up, e_down = z_new, E_new, up_new, down_new
+                    if grads_new is not None:
+                        grads = grads_new
+                else:
+                    keep = accept[..., None]
+                    zs = [torch.where(keep, zn, zo) for zn, zo in zip(z_new, zs)]
+                    if grads_new is not None:
+                        grads = [torch.where(keep, gn, go) for gn, go in zip(grads_new, grads)]
+                    E = torch.where(accept, E_new, E)
+                    e_up = torch.where(keep, up_new, e_up)
+                    e_down = torch.where(keep, down_new, e_down)
+                    step_size = torch.where(reject, step_size / 2, step_size)
+                    rejected += reject.long()
+                if stalled is not None:
+                    active &= ~stalled
         if not create_graph:
             zs = [z.detach() for z in zs]
         info = {"energy0": E0, "energy": E.detach(), "steps": used, "rejected": rejected,
@@ -320,12 +333,7 @@ class PCGPT(GPT):
         """settle()'s info for zero steps at the feed-forward states, where the bottom-up errors
         are zero by construction and the energy is the generators' top-down part."""
         kappa = self.kappa()
-        below, e_down = zs[0], []
-        for gen, z in zip(self.generators, zs[1:]):
-            e = below - gen(z)
-            e_down.append((e * e).sum(-1))
-            below = z
-        e_down = torch.stack(e_down, dim=-1)
+        e_down = sq_norms([below - gen(z) for gen, below, z in zip(self.generators, zs[:-1], zs[1:])])
         E = 0.5 * (kappa * e_down).sum(-1)
         zeros = torch.zeros(E.shape, dtype=torch.long, device=E.device)
         return {"energy0": E, "energy": E, "steps": zeros, "rejected": zeros,
@@ -335,11 +343,15 @@ class PCGPT(GPT):
         """Per-position diagnostics of the settling, in the units the API reports."""
         units = self.config.n_layer * self.config.n_embd
         d = self.config.n_embd
-        logp, logp0 = F.log_softmax(logits.float(), -1), F.log_softmax(logits0.float(), -1)
+        if logits is logits0:  # nothing settled
+            kl = logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
+        else:
+            logp, logp0 = F.log_softmax(logits.float(), -1), F.log_softmax(logits0.float(), -1)
+            kl = (logp.exp() * (logp - logp0)).sum(-1).clamp_min(0) / math.log(2)
         return {
             "energy0": info["energy0"] / units,  # energy per free unit before settling
             "energy": info["energy"] / units,  # ... and after
-            "kl_settle": (logp.exp() * (logp - logp0)).sum(-1).clamp_min(0) / math.log(2),  # bits
+            "kl_settle": kl,  # bits
             "steps": info["steps"],
             "rejected": info["rejected"],
             "err_up": (info["err_up"] / d).sqrt(),  # RMS bottom-up error per layer (L,)
