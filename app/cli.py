@@ -13,7 +13,11 @@ def _load(args):
     device = resolve_device(args.device)
     dtype = resolve_dtype(getattr(args, "dtype", None), device)
     torch.set_grad_enabled(False)
-    return load_checkpoint(args.model, meta_path=getattr(args, "meta", None), device=device, dtype=dtype)
+    model, tokenizer, metadata = load_checkpoint(args.model, meta_path=getattr(args, "meta", None), device=device,
+                                                 dtype=dtype)
+    if device.type == "cpu":
+        model.to_inference_layout()
+    return model, tokenizer, metadata
 
 
 def cmd_generate(args) -> int:

@@ -69,6 +69,8 @@ def cmd_serve(args) -> int:
     for name, path in config.models.items():
         model, tokenizer, metadata = load_checkpoint(path, device=device, dtype=dtype)
         model.requires_grad_(False)  # serving never trains; PC settling takes gradients w.r.t. states only
+        if device.type == "cpu":
+            model.to_inference_layout()
         loaded[name] = (model, tokenizer, metadata)
         logging.getLogger("pcgpt").info("loaded %s (%s, %s) from %s on %s", name, model.model_type,
                                         f"{model.num_params(False):,} parameters", path, device)

@@ -25,7 +25,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from bench.common import CHAR_CKPT, ROOT, median, percentile
+from bench.common import CHAR_CKPT, ROOT, percentile
 
 CONCURRENCY = (1, 4, 16, 32, 64)
 PROMPTS = ["ROMEO:\nWhat light through yonder", "First Citizen:\nBefore we proceed", "KING HENRY:\nOnce more",
@@ -200,6 +200,7 @@ def run(quick=False, threads=1, tokens_per_level=8000, time_cap=40.0):
     torch.set_num_threads(threads)
     model, tokenizer, _ = load_checkpoint(CHAR_CKPT)
     model.requires_grad_(False)
+    model.to_inference_layout()  # as the server does on CPU
     engine = Engine("shakespeare-char", model, tokenizer, Metrics(), max_batch_size=max_batch, max_queue=4 * max_batch)
     engine.start()
     result = {"threads": threads, "max_batch_size": max_batch, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE,

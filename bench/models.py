@@ -19,6 +19,7 @@ def gpt2_pair(seed: int = 0):
         hf.save_pretrained(d)
         ours, tokenizer, _ = load_checkpoint(d)
     ours.requires_grad_(False)
+    ours.to_inference_layout()  # as `pcgpt serve` runs it on CPU
     hf.requires_grad_(False)
     return ours, hf, tokenizer
 
@@ -47,6 +48,7 @@ def char_pair():
             else:
                 raise KeyError(f"no counterpart for HF parameter {name}")
     ours.requires_grad_(False)
+    ours.to_inference_layout()  # as `pcgpt serve` runs it on CPU
     hf.requires_grad_(False)
     return ours, hf, tokenizer
 

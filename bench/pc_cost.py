@@ -37,6 +37,7 @@ def pc_model():
         source = f"PCGPT.from_baseline({CHAR_CKPT.name}) with random generators"
     for m in (pc, base):
         m.requires_grad_(False)
+        m.to_inference_layout()  # as `pcgpt serve` runs them on CPU
     return pc, base, source
 
 

@@ -53,6 +53,7 @@ def engine_profile(path, n_rows=32, n_steps=60):
     from model.sampling import SamplingParams
     model, tok, _ = load_checkpoint(CHAR_CKPT)
     model.requires_grad_(False)
+    model.to_inference_layout()  # as the server does on CPU
     engine = Engine("prof", model, tok, Metrics(), max_batch_size=n_rows, max_queue=n_rows)
     # the engine's thread is not started: step() is driven by hand below
     for i in range(n_rows):

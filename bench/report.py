@@ -166,7 +166,9 @@ def plot_roofline(d):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 1.4]})
     ax = axes[0]
     ax.plot(d["sizes_mib"], d["sum_read_GBps"], "o-", label="torch sum (read)")
-    ax.plot(d["sizes_mib"], d["gemv_read_GBps"], "s-", label="batch-1 GEMV (weight read)")
+    ax.plot(d["sizes_mib"], d["gemv_read_GBps"], "s-", label="batch-1 GEMV, [out, in] weight")
+    if "gemv_t_read_GBps" in d:
+        ax.plot(d["sizes_mib"], d["gemv_t_read_GBps"], "^-", label="batch-1 GEMV, [in, out] weight")
     ax.axvline(d["gpt2_weight_bytes_per_token"] / 2**20, color="gray", ls=":", label="GPT-2 124M weights")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("working set (MiB)")
@@ -344,9 +346,9 @@ def md_memory(d):
 
 
 def md_roofline(d):
-    sizes = ", ".join(f"{m} MiB: {r:.1f} / {g:.1f}" for m, r, g in zip(d["sizes_mib"], d["sum_read_GBps"],
-                                                                      d["gemv_read_GBps"]))
-    rows = [["read bandwidth by working set, GB/s (sum / GEMV)", sizes],
+    sizes = ", ".join(f"{m} MiB: {r:.1f} / {g:.1f} / {t:.1f}" for m, r, g, t in
+                      zip(d["sizes_mib"], d["sum_read_GBps"], d["gemv_read_GBps"], d["gemv_t_read_GBps"]))
+    rows = [["read bandwidth by working set, GB/s (sum / GEMV [out, in] / GEMV [in, out])", sizes],
             ["numpy copy (read + write)", f"{d['numpy_copy_GBps']:.1f} GB/s"],
             ["torch copy (read + write)", f"{d['torch_copy_GBps']:.1f} GB/s"],
             [f"matmul 2048² fp32, {d['threads']} threads", f"{d['matmul_fp32_GFLOPs']:.0f} GFLOP/s"],
@@ -358,6 +360,9 @@ def md_roofline(d):
             ["weights-only pass (every GPT-2 matrix × one vector, nothing else)",
              f"{d['weights_only_pass_ms']:.1f} ms = {d['weights_only_pass_tok_s']:.1f} tok/s "
              f"({d['weights_only_pass_GBps']:.1f} GB/s; {d['weights_only_pass_tok_s'] / d['gpt2_b1_bound_tok_s']:.0%} of the bound)"],
+            ["the same pass with nn.Linear's [out, in] layout (the served layout is [in, out])",
+             f"{d['weights_only_pass_ms_linear_layout']:.1f} ms = {d['weights_only_pass_tok_s_linear_layout']:.1f} tok/s "
+             f"({d['weights_only_pass_tok_s_linear_layout'] / d['gpt2_b1_bound_tok_s']:.0%} of the bound)"],
             ["compute bound at batch 1 (fp32 matmul rate / FLOPs per token)",
              f"{d['gpt2_b1_compute_bound_tok_s']:.0f} tok/s"]]
     for m in ("ours", "hf", "nanogpt"):

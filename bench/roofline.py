@@ -32,7 +32,7 @@ def _best_of(fn, reps):
 def bandwidth(sizes_mib=(64, 256, 1024), reps=7, bar=None):
     """Read bandwidth (torch sum, batch-1 GEMV) at each working-set size, copy bandwidth at the
     largest. Past a few hundred MiB the rate is flat: that plateau is main memory."""
-    out = {"sizes_mib": list(sizes_mib), "sum_read_GBps": [], "gemv_read_GBps": []}
+    out = {"sizes_mib": list(sizes_mib), "sum_read_GBps": [], "gemv_read_GBps": [], "gemv_t_read_GBps": []}
     cols = 4096
     x = torch.randn(1, cols)
     for mib in sizes_mib:
@@ -42,6 +42,10 @@ def bandwidth(sizes_mib=(64, 256, 1024), reps=7, bar=None):
         W = a.view(-1, cols)  # a (rows × cols) fp32 weight read once per product, like one decode step
         med, _ = _best_of(lambda: torch.nn.functional.linear(x, W), reps)
         out["gemv_read_GBps"].append(W.nbytes / med / 1e9)
+        # the same bytes read as an [in, out] matrix (the layout `pcgpt serve` keeps on CPU)
+        xt = torch.randn(1, W.shape[0])
+        med, _ = _best_of(lambda: xt @ W, reps)
+        out["gemv_t_read_GBps"].append(W.nbytes / med / 1e9)
         del a, W
         if bar: bar.update(1)
     n = sizes_mib[-1] * MiB // 4
@@ -60,15 +64,20 @@ def bandwidth(sizes_mib=(64, 256, 1024), reps=7, bar=None):
     if bar: bar.update(1)
     out["torch_sum_read_GBps"] = out["sum_read_GBps"][-1]
     out["torch_gemv_read_GBps"] = out["gemv_read_GBps"][-1]
+    out["torch_gemv_t_read_GBps"] = out["gemv_t_read_GBps"][-1]
     return out
 
 
-def weights_only_pass(reps=15):
+def weights_only_pass(reps=15, served_layout=True):
     """Every weight matrix of the GPT-2 124M shape (fresh random tensors, real shapes) applied
-    once to one vector, nothing else: the decode step with all non-weight work removed."""
+    once to one vector, nothing else: the decode step with all non-weight work removed. With
+    served_layout the matrices are stored [in, out] as `pcgpt serve` keeps them on CPU, else in
+    nn.Linear's [out, in]."""
     from model.gpt import GPT, preset_config
     torch.manual_seed(0)
     model = GPT(preset_config("gpt2")).eval().requires_grad_(False)
+    if served_layout:
+        model.to_inference_layout()
     lins = []
     for blk in model.transformer.h:
         lins += [blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj]
@@ -107,6 +116,7 @@ def run(quick=False, decode_result=None):
         set_threads(threads)
         bar.update(1)
         passes = weights_only_pass(5 if quick else 15)
+        passes.update({f"{k}_linear_layout": v for k, v in weights_only_pass(5 if quick else 15, False).items()})
         bar.update(1)
     # the GPT-2 124M shape: bytes read per batch-1 decode step
     from model.gpt import GPT, preset_config
@@ -115,7 +125,7 @@ def run(quick=False, decode_result=None):
     from bench.models import weight_bytes_per_token
     wbytes = weight_bytes_per_token(gpt2)
     # the fastest read rate measured from main memory (largest working set): the physical bound
-    read_bw = max(bw["torch_sum_read_GBps"], bw["torch_gemv_read_GBps"]) * 1e9
+    read_bw = max(bw["torch_sum_read_GBps"], bw["torch_gemv_read_GBps"], bw["torch_gemv_t_read_GBps"]) * 1e9
     flops = gpt2.flops_per_token(context=48)
     result = {"threads": threads, **bw, **rates, **passes, "gpt2_weight_bytes_per_token": wbytes,
               "gpt2_flops_per_token": flops,

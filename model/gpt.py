@@ -329,6 +329,18 @@ class GPT(nn.Module):
             if isinstance(module, CausalSelfAttention):
                 module.attn_dropout = p
 
+    @torch.no_grad()
+    def to_inference_layout(self) -> "GPT":
+        """Stores every weight matrix as [in, out] in memory while keeping its [out, in] shape,
+        name and values (a transposed view of a transposed copy), so F.linear hands BLAS the
+        layout it streams fastest for a few rows on CPU: a batch-1 GPT-2 decode step is ~6% faster,
+        the lm_head alone ~15% (BENCHMARKS.md; HF's Conv1D keeps GPT-2 this way). The tied
+        lm_head / wte stays one tensor. For serving: training keeps the usual layout."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.data = module.weight.data.t().contiguous().t()
+        return self
+
     def new_cache(self, n_slots: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.config, n_slots, max_len, device=device or p.device, dtype=dtype or p.dtype)

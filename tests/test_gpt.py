@@ -119,6 +119,42 @@ def test_generate_greedy_equals_uncached_argmax():
     assert tokens == seq[len(prompt):]
 
 
+@torch.no_grad()
+def test_inference_layout_changes_memory_order_only(tmp_path):
+    """to_inference_layout (what serving applies on CPU) stores the matrices as [in, out] and
+    nothing else changes: names, shapes and values, the wte/lm_head tie, full and cached logits,
+    and a checkpoint saved from it."""
+    from model.checkpoint import save_pcgpt
+    from model.tokenizer import CharTokenizer
+    model = random_gpt(seed=11)
+    served = random_gpt(seed=11).to_inference_layout()
+    before, after = model.state_dict(), served.state_dict()
+    assert list(before) == list(after)
+    for name in before:
+        assert before[name].shape == after[name].shape and torch.equal(before[name], after[name]), name
+    w = served.transformer.h[0].mlp.c_fc.weight
+    assert not w.is_contiguous() and w.t().is_contiguous()  # really re-laid out
+    assert served.lm_head.weight is served.transformer.wte.weight and served.lm_head.weight.t().is_contiguous()
+
+    seq = [5, 1, 7, 2, 9, 4, 4, 8]
+    torch.testing.assert_close(served(torch.tensor([seq])), model(torch.tensor([seq])), atol=ATOL, rtol=RTOL)
+    for m in (model, served):
+        cache = m.new_cache(2)
+        logits, _ = prefill(m, torch.tensor(seq), cache, 1)
+        out = [logits]
+        for t in (3, 6):
+            logits, _ = decode(m, torch.tensor([t]), torch.tensor([len(seq) + len(out) - 1]), cache, torch.tensor([1]))
+            out.append(logits[0])
+        m.cached = torch.stack(out)
+    torch.testing.assert_close(served.cached, model.cached, atol=ATOL, rtol=RTOL)
+
+    chars = {i: chr(33 + i) for i in range(model.config.vocab_size)}
+    tokenizer = CharTokenizer({c: i for i, c in chars.items()}, chars)
+    save_pcgpt(tmp_path / "ckpt", served, tokenizer)
+    loaded, _, _ = load_checkpoint(tmp_path / "ckpt")
+    assert torch.equal(loaded(torch.tensor([seq])), model(torch.tensor([seq])))
+
+
 # ---------------------------------------------------------------------------------------------
 # HuggingFace GPT-2 equivalence
 
