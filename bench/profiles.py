@@ -3,6 +3,8 @@
   profile_gpt2_b1.txt     torch.profiler, GPT-2 124M batch-1 decode steps (ours): op table
   profile_engine_char.txt cProfile of the real engine's step() with 32 running char requests
   profile_pc_T2.txt       torch.profiler, PC char model, batch-1 decode at T = 2
+  pc_ops (profiles.json)  operators dispatched per decode step, baseline vs PC at each T: on the
+                          char model a step is dispatch-bound, so time follows the op count
 """
 
 import copy
@@ -14,6 +16,7 @@ import types
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from bench.common import RESULTS, median, set_threads
@@ -33,6 +36,38 @@ def _decode_steps(model, B, n, settle=None):
         pos.add_(1)
 
     return step
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts every ATen operator that reaches a kernel (forward and backward; views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(step, n=5) -> float:
+    step()
+    with _OpCounter() as counter:
+        for _ in range(n):
+            step()
+    return counter.count / n
+
+
+def pc_op_counts(pc, base, quick=False):
+    """Operators per batch-1 decode step and median step time: the baseline and PC at each T."""
+    from bench.pc_cost import STEPS, time_decode
+    rows = []
+    with torch.no_grad():
+        for settle in (None, *STEPS):
+            model = base if settle is None else pc
+            rows.append({"settle_steps": settle, "ops": ops_per_step(_decode_steps(model, 1, 12, settle)),
+                         "ms": 1000 * time_decode(model, 1, None, 12 if quick else 32, settle=settle)})
+    return rows
 
 
 def torch_profile(step, n, title, path):
@@ -136,10 +171,11 @@ def run(quick=False):
         engine_profile(RESULTS / "profile_engine_char.txt", n_steps=20 if quick else 60)
         bar.update(1)
         from bench.pc_cost import pc_model
-        pc, _, _ = pc_model()
+        pc, base, _ = pc_model()
         with torch.no_grad():
             torch_profile(_decode_steps(pc, 1, 30, settle=2), 10 if quick else 20,
                           "PC char model, batch 1, T = 2", RESULTS / "profile_pc_T2.txt")
+        pc_ops = pc_op_counts(pc, base, quick)
         bar.update(1)
     return {"files": ["profile_gpt2_b1.txt", "profile_engine_char.txt", "profile_pc_T2.txt"],
-            "threads": torch.get_num_threads(), "gpt2_b1": breakdown}
+            "threads": torch.get_num_threads(), "gpt2_b1": breakdown, "pc_ops": pc_ops}

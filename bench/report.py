@@ -392,6 +392,21 @@ def md_profiles(d):
             "engine's step with 32 rows), profile_pc_T2.txt.\n\n" + _table(["measurement", "value"], rows))
 
 
+def md_pc_ops(d):
+    rows, base = [], d["pc_ops"][0]
+    for r in d["pc_ops"]:
+        T = r["settle_steps"]
+        rows.append(["baseline" if T is None else T, f"{r['ops']:,.0f}", f"{r['ops'] / base['ops']:.2f}×",
+                     f"{r['ms']:.3f}", f"{r['ms'] / base['ms']:.2f}×", "1×" if T is None else f"{1 + 3 * T}×",
+                     f"{1000 * r['ms'] / r['ops']:.2f}"])
+    return ("Char PC checkpoint and its baseline, batch 1, one decode step: ATen operators dispatched "
+            "(forward and backward, views included; counted with a TorchDispatchMode) and the median "
+            "step time. A step of this 128-wide model is dispatch-bound, so its time follows the "
+            "operator count, not the FLOPs the 1 + 3T prediction counts.\n\n"
+            + _table(["settle steps T", "ops / step", "× baseline ops", "ms / step", "× baseline time",
+                      "predicted (1 + 3T)", "µs / op"], rows))
+
+
 def write_markdown():
     meta = read_json("meta") or {}
     dec, pc, http, mem, roof, prof = (read_json(n) for n in ("decode", "pc_cost", "http", "memory", "roofline",
@@ -410,6 +425,8 @@ def write_markdown():
         parts += ["## 4. Memory", "", md_memory(mem), "", "![memory](bench/results/memory.png)", ""]
     if prof and "gpt2_b1" in prof:
         parts += ["## Where the batch-1 GPT-2 step goes", "", md_profiles(prof), ""]
+    if prof and "pc_ops" in prof:
+        parts += ["## Where the PC step goes: operators per step", "", md_pc_ops(prof), ""]
     parts += [END]
     generated = "\n".join(parts)
     path = ROOT / "BENCHMARKS.md"
