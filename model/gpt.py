@@ -100,8 +100,14 @@ class KVCache:
         return self.nbytes // (self.n_slots * self.max_len)
 
     def write(self, layer: int, slots: torch.Tensor, input_pos: torch.Tensor,
-              k: torch.Tensor, v: torch.Tensor) -> None:
+              k: torch.Tensor, v: torch.Tensor, ctx: "CacheContext | None" = None) -> None:
         """Stores k/v (B, H, S, D) of rows `slots` (B,) at positions `input_pos` (B, S)."""
+        if ctx is not None and isinstance(ctx.rows, slice) and ctx.positions is not None:
+            # contiguous slots all writing the same positions: a copy into a view, no scatter
+            # (a batch-1 step, or a batch whose rows are level; cheaper between large GEMVs)
+            self.k[layer, ctx.rows, :, ctx.positions] = k.to(self.k.dtype)
+            self.v[layer, ctx.rows, :, ctx.positions] = v.to(self.v.dtype)
+            return
         rows = slots[:, None]
         # advanced indices on dims 0 and 3 with a slice between: the indexed view is (B, S, H, D)
         self.k[layer, rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
@@ -144,15 +150,21 @@ class CacheContext:
     length: int  # keys read: positions [0, length), the furthest row's
     mask: torch.Tensor | None  # (B, 1, S, length) or None when every query sees every key read
     rows: object  # slot_rows(slots)
+    positions: slice | None = None  # the positions every row writes, when they are the same range
 
     @classmethod
     def build(cls, slots: torch.Tensor, input_pos: torch.Tensor) -> "CacheContext":
         length = int(input_pos.max()) + 1
+        positions = None
         if input_pos.shape[1] == 1 and bool((input_pos == length - 1).all()):
             mask = None  # one query per row, all rows at the last position: nothing to mask
+            positions = slice(length - 1, length)
         else:
             mask = attention_mask(input_pos, length)
-        return cls(length, mask, slot_rows(slots))
+            S = input_pos.shape[1]
+            if input_pos.shape[0] == 1 and length == S and bool((input_pos[0] == torch.arange(S, device=input_pos.device)).all()):
+                positions = slice(0, S)  # one prompt from position 0 (prefill)
+        return cls(length, mask, slot_rows(slots), positions)
 
 
 class CausalSelfAttention(nn.Module):
@@ -190,9 +202,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x)
         if kv_cache is None:
             return self.attend(q, k, v)
-        kv_cache.write(layer, slots, input_pos, k, v)
-        # only the window up to the furthest position in the batch takes part
         ctx = ctx or CacheContext.build(slots, input_pos)
+        kv_cache.write(layer, slots, input_pos, k, v, ctx)
+        # only the window up to the furthest position in the batch takes part
         k_all, v_all = kv_cache.read(layer, slots, ctx.length, ctx.rows)
         return self.attend(q, k_all.to(q.dtype), v_all.to(q.dtype), ctx.mask, causal=False)
 
