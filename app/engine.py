@@ -19,12 +19,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.generate import decode, prefill
+from model.generate import decode, prefill, prefill_batch
 from model.sampling import (BatchSampling, ErrorDrivenParams, SamplingParams, apply_penalties, error_driven_precision,
                             make_generator, sample_from_logits, surprise_filter, token_stats, top_logprobs, update_mu)
 from model.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("pcgpt.engine")
+
+
+# admissions of one step prefill together, up to this many padded prompt tokens a forward: bounds
+# the activations and attention scores a burst of long prompts allocates at once
+MAX_PREFILL_TOKENS = 4096
 
 
 class QueueFull(Exception):
@@ -102,13 +107,14 @@ class Sequence:
 
 class Engine:
     def __init__(self, name: str, model, tokenizer, metrics=None, max_batch_size: int = 16,
-                 max_queue: int = 64, sampler_defaults: dict | None = None):
+                 max_queue: int = 64, sampler_defaults: dict | None = None, max_prefill_tokens: int = MAX_PREFILL_TOKENS):
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
         self.sampler_defaults = sampler_defaults or {}
         self.device = model.lm_head.weight.device
         self.block_size = model.config.block_size
@@ -243,32 +249,64 @@ class Engine:
                 self._finish(seq, "cancelled")
 
     def _admit(self) -> None:
+        admitted = []
         while self.free_slots and self.waiting and self._accepting_or_draining():
             with self._lock:
                 request = self.waiting.popleft()
                 slot = self.free_slots.pop(0)
             seq = Sequence(request, slot, self.tokenizer, self.device)
             self.running.append(seq)
-            now = time.perf_counter()
+            admitted.append(seq)
             if self.metrics:
-                self._series("queue_time").observe(now - request.arrival)
+                self._series("queue_time").observe(time.perf_counter() - request.arrival)
                 self._series("prompt_tokens").inc(len(request.prompt_ids))
+        for group in self._prefill_groups(admitted):
             try:
-                self._prefill(seq)
+                self._prefill(group)
             except Exception as e:
-                log.exception("prefill failed for one request of %s", self.name)
-                self._fail(seq, e)
-            self._flush()  # its first token goes out now, not after the other admissions
+                if len(group) == 1:
+                    log.exception("prefill failed for one request of %s", self.name)
+                    self._fail(group[0], e)
+                else:  # find the request that fails: each alone, so the others still start
+                    log.exception("batched prefill failed on %s; retrying requests one by one", self.name)
+                    for seq in group:
+                        try:
+                            self._prefill([seq])
+                        except Exception as e1:
+                            self._fail(seq, e1)
+            self._flush()  # the group's first tokens go out now, not after the other admissions
+
+    def _prefill_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """Admissions prefilled together: similar lengths side by side, at most
+        max_prefill_tokens padded tokens a group. Echo requests (every prompt position's
+        logits) and empty generations go alone."""
+        alone = [[s] for s in seqs if s.request.prompt_logprobs or s.request.max_tokens == 0]
+        groups, group = [], []
+        for seq in sorted((s for s in seqs if not (s.request.prompt_logprobs or s.request.max_tokens == 0)),
+                          key=lambda s: len(s.request.prompt_ids)):
+            # sorted by length: this one is the longest so far, so it sets the padded width
+            if group and (len(group) + 1) * len(seq.request.prompt_ids) > self.max_prefill_tokens:
+                groups.append(group)
+                group = []
+            group.append(seq)
+        return alone + groups + ([group] if group else [])
 
     def _accepting_or_draining(self) -> bool:
         return not self._stop
 
-    def _prefill(self, seq: Sequence) -> None:
-        r = seq.request
-        self.prompt_mask[seq.slot] = False
-        self.output_counts[seq.slot] = 0
-        prompt = torch.tensor(r.prompt_ids, dtype=torch.long, device=self.device)
-        self.prompt_mask[seq.slot, prompt] = True
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        prompts = []
+        for seq in seqs:
+            self.prompt_mask[seq.slot] = False
+            self.output_counts[seq.slot] = 0
+            prompts.append(torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self.device))
+            self.prompt_mask[seq.slot, prompts[-1]] = True
+        if len(seqs) > 1:
+            slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
+            logits, stats = prefill_batch(self.model, prompts, self.cache, slots, self._settle_steps(seqs))
+            self._sample_and_emit(seqs, logits, stats)
+            return
+        seq, prompt, r = seqs[0], prompts[0], seqs[0].request
         logits, stats = prefill(self.model, prompt, self.cache, seq.slot, r.settle_steps, all_logits=r.prompt_logprobs)
         prompt_tokens = None
         if r.prompt_logprobs:

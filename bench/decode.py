@@ -5,8 +5,9 @@ tokens greedily in fp32 on the same torch threads, and timestamps each new token
 timestamps: prefill time (start to first token), decode tokens/s = B·(N−1) / (t_N − t_1) (the
 steady state, prefill excluded) and end-to-end tokens/s = B·N / t_N.
 
-  ours     KV-cached: each row prefilled into its own cache slot (as the engine admits requests),
-           then one batched decode step per token (model.generate.decode + sample_from_logits).
+  ours     KV-cached: the B prompts prefilled together into their cache slots (as the engine
+           admits a burst, up to its prefill token budget: model.generate.prefill_batch), then
+           one batched decode step per token (model.generate.decode + sample_from_logits).
   hf       transformers GPT2LMHeadModel.generate(use_cache=True, do_sample=False), same weights.
   nanogpt  no cache: the whole window goes through the model for every token, head on the last
            position only (nanoGPT's generate).
@@ -18,8 +19,9 @@ import time
 import torch
 from tqdm import tqdm
 
+from app.engine import MAX_PREFILL_TOKENS
 from bench.common import median, set_threads
-from model.generate import decode, prefill
+from model.generate import decode, prefill_batch
 from model.sampling import BatchSampling, SamplingParams, sample_from_logits
 
 METHODS = ("ours", "hf", "nanogpt")
@@ -32,12 +34,10 @@ def run_ours(model, prompts: torch.Tensor, n_new: int, vocab: int):
     cache = model.new_cache(B, max_len=S + n_new)
     greedy = BatchSampling.from_params([SamplingParams(temperature=0.0)] * B, prompts.device)
     gens = [None] * B
-    rows = []
-    for b in range(B):  # the engine prefills each admitted request on its own
-        logits, _ = prefill(model, prompts[b], cache, b)
-        rows.append(logits)
-    logits = torch.stack(rows)
     slots = torch.arange(B)
+    group = max(1, MAX_PREFILL_TOKENS // S)  # the engine's groups for a burst of admissions
+    logits = torch.cat([prefill_batch(model, list(prompts[b:b + group]), cache, slots[b:b + group])[0]
+                        for b in range(0, B, group)])
     pos = torch.full((B,), S, dtype=torch.long)
     out = []
     for i in range(n_new):

@@ -347,7 +347,8 @@ def md_memory(d):
 
 def md_roofline(d):
     sizes = ", ".join(f"{m} MiB: {r:.1f} / {g:.1f} / {t:.1f}" for m, r, g, t in
-                      zip(d["sizes_mib"], d["sum_read_GBps"], d["gemv_read_GBps"], d["gemv_t_read_GBps"]))
+                      zip(d["sizes_mib"], d["sum_read_GBps"], d["gemv_read_GBps"],
+                          d.get("gemv_t_read_GBps", [float("nan")] * len(d["sizes_mib"]))))
     rows = [["read bandwidth by working set, GB/s (sum / GEMV [out, in] / GEMV [in, out])", sizes],
             ["numpy copy (read + write)", f"{d['numpy_copy_GBps']:.1f} GB/s"],
             ["torch copy (read + write)", f"{d['torch_copy_GBps']:.1f} GB/s"],
@@ -360,9 +361,10 @@ def md_roofline(d):
             ["weights-only pass (every GPT-2 matrix × one vector, nothing else)",
              f"{d['weights_only_pass_ms']:.1f} ms = {d['weights_only_pass_tok_s']:.1f} tok/s "
              f"({d['weights_only_pass_GBps']:.1f} GB/s; {d['weights_only_pass_tok_s'] / d['gpt2_b1_bound_tok_s']:.0%} of the bound)"],
-            ["the same pass with nn.Linear's [out, in] layout (the served layout is [in, out])",
-             f"{d['weights_only_pass_ms_linear_layout']:.1f} ms = {d['weights_only_pass_tok_s_linear_layout']:.1f} tok/s "
-             f"({d['weights_only_pass_tok_s_linear_layout'] / d['gpt2_b1_bound_tok_s']:.0%} of the bound)"],
+            *([["the same pass with nn.Linear's [out, in] layout (the served layout is [in, out])",
+                f"{d['weights_only_pass_ms_linear_layout']:.1f} ms = {d['weights_only_pass_tok_s_linear_layout']:.1f} tok/s "
+                f"({d['weights_only_pass_tok_s_linear_layout'] / d['gpt2_b1_bound_tok_s']:.0%} of the bound)"]]
+              if "weights_only_pass_ms_linear_layout" in d else []),
             ["compute bound at batch 1 (fp32 matmul rate / FLOPs per token)",
              f"{d['gpt2_b1_compute_bound_tok_s']:.0f} tok/s"]]
     for m in ("ours", "hf", "nanogpt"):

@@ -31,6 +31,25 @@ def prefill(model, prompt: torch.Tensor, kv_cache, slot: int, settle_steps: int 
 
 
 @torch.no_grad()
+def prefill_batch(model, prompts: list[torch.Tensor], kv_cache, slots: torch.Tensor,
+                  settle_steps: torch.Tensor | None = None):
+    """Several prompts (each (S_b,)) in one forward, right-padded to the longest, into cache rows
+    `slots` (B,). Returns (logits (B, V) at each row's last prompt token, stats per row).
+
+    A padded row's queries see only its own earlier positions (causal), and the K/V its padding
+    writes lie past its prompt, where its first decode steps overwrite them before reading."""
+    device = prompts[0].device
+    lengths = torch.tensor([p.shape[0] for p in prompts], device=device)
+    S = int(lengths.max())
+    idx = torch.zeros(len(prompts), S, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        idx[row, :p.shape[0]] = p
+    input_pos = torch.arange(S, device=device).expand(len(prompts), S)
+    return model.forward_cached(idx, input_pos, kv_cache, slots, settle_steps=settle_steps, last_only=True,
+                                lengths=lengths)
+
+
+@torch.no_grad()
 def decode(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache, slots: torch.Tensor,
            settle_steps: torch.Tensor | None = None):
     """One new token per row: tokens, input_pos and slots are (B,). Returns (logits (B, V), stats)."""

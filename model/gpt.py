@@ -136,6 +136,13 @@ def _is_contiguous_range(slots: torch.Tensor) -> bool:
     return n > 0 and bool((slots == torch.arange(int(slots[0]), int(slots[0]) + n)).all())
 
 
+def last_positions(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """(B, ...) of x (B, S, ...) at each row's last token: S − 1, or lengths − 1 for right-padded rows."""
+    if lengths is None:
+        return x[:, -1]
+    return x[torch.arange(x.shape[0], device=x.device), lengths.to(x.device) - 1]
+
+
 def attention_mask(input_pos: torch.Tensor, length: int) -> torch.Tensor:
     """Boolean mask (B, 1, S, length): a query at position p sees keys at positions <= p."""
     key_pos = torch.arange(length, device=input_pos.device)
@@ -162,8 +169,8 @@ class CacheContext:
         else:
             mask = attention_mask(input_pos, length)
             S = input_pos.shape[1]
-            if input_pos.shape[0] == 1 and length == S and bool((input_pos[0] == torch.arange(S, device=input_pos.device)).all()):
-                positions = slice(0, S)  # one prompt from position 0 (prefill)
+            if length == S and bool((input_pos == torch.arange(S, device=input_pos.device)).all()):
+                positions = slice(0, S)  # prompts from position 0 (prefill)
         return cls(length, mask, slot_rows(slots), positions)
 
 
@@ -313,16 +320,17 @@ class GPT(nn.Module):
             x = block(x, layer, input_pos, kv_cache, slots, ctx)
         return self.head(x)
 
-    def forward_cached(self, idx, input_pos, kv_cache, slots, settle_steps=None, last_only=True):
+    def forward_cached(self, idx, input_pos, kv_cache, slots, settle_steps=None, last_only=True, lengths=None):
         """Cached forward for serving: (logits, stats). Logits are (B, V) of each row's last
-        token when last_only, else (B, S, V). The baseline has no per-token stats and no
-        settling; `settle_steps` is accepted so both model types share one call."""
+        token when last_only, else (B, S, V); `lengths` (B,) marks right-padded rows, whose last
+        token is then at lengths − 1. The baseline has no per-token stats and no settling;
+        `settle_steps` is accepted so both model types share one call."""
         x = self.embed(idx, input_pos)
         ctx = CacheContext.build(slots, input_pos)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, layer, input_pos, kv_cache, slots, ctx)
         # the output head is the largest matmul for a small model: run it only where needed
-        return self.head(x[:, -1] if last_only else x), {}
+        return self.head(last_positions(x, lengths) if last_only else x), {}
 
     def loss(self, idx, targets):
         """Training loss: mean next-token cross-entropy (nats); returns (loss, extra info)."""

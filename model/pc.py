@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.gpt import GPT, CacheContext, GPTConfig, LayerNorm, slot_rows
+from model.gpt import GPT, CacheContext, GPTConfig, LayerNorm, last_positions, slot_rows
 
 
 @dataclass
@@ -308,14 +308,14 @@ class PCGPT(GPT):
             return logits
         return self.settled_forward(idx, settle_steps)[0]
 
-    def forward_cached(self, idx, input_pos, kv_cache, slots, settle_steps=None, last_only=True):
+    def forward_cached(self, idx, input_pos, kv_cache, slots, settle_steps=None, last_only=True, lengths=None):
         """Serving: the amortised pass writes the cache, then the newest position of each row
-        settles (every given position when not last_only). Returns (logits, stats) with
-        per-row stats (per position when not last_only)."""
+        settles (every given position when not last_only; the one at lengths − 1 for right-padded
+        rows). Returns (logits, stats) with per-row stats (per position when not last_only)."""
         zs = self.feedforward(idx, input_pos, kv_cache, slots)
         if last_only:
-            zs = [z[:, -1:] for z in zs]
-            input_pos = input_pos[:, -1:]
+            zs = [last_positions(z, lengths)[:, None] for z in zs]
+            input_pos = last_positions(input_pos, lengths)[:, None]
         steps = self._steps(settle_steps, idx.shape[0], idx.device)
         if int(steps.max()) == 0:
             # nothing settles: the baseline's logits, and the feed-forward energy from the

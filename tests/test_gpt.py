@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
-from model.generate import decode, generate, prefill
+from model.generate import decode, generate, prefill, prefill_batch
 from model.gpt import GPT, PRESETS, KVCache, preset_config
 from model.sampling import SamplingParams
 from model.tokenizer import gpt2_tokenizer
@@ -106,6 +106,28 @@ def test_batched_right_padded_prefill_then_decode(slots):
         for row, (seq, n) in enumerate(zip(seqs, prompt_lens)):
             expected = full_logits(model, seq[: n + step + 1])[-1]
             torch.testing.assert_close(out[row], expected, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("slots", [[0, 1, 2], [3, 0, 2]], ids=["contiguous", "non-contiguous"])
+@torch.no_grad()
+def test_prefill_batch_equals_each_prompt_alone(slots):
+    """prefill_batch (the engine's burst admission): right-padded prompts in one forward give
+    each row the last-token logits and the cache its own prefill gives, so decoding continues
+    exactly as it would alone."""
+    model = random_gpt(seed=8)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in (5, 11, 1)]
+    cache = model.new_cache(4, max_len=24)
+    logits, stats = prefill_batch(model, prompts, cache, torch.tensor(slots))
+    assert logits.shape == (3, model.config.vocab_size) and stats == {}
+    next_tokens = torch.tensor([3, 1, 4])
+    after, _ = decode(model, next_tokens, torch.tensor([len(p) for p in prompts]), cache, torch.tensor(slots))
+    for row, p in enumerate(prompts):
+        own = model.new_cache(1, max_len=24)
+        alone, _ = prefill(model, p, own, 0)
+        torch.testing.assert_close(logits[row], alone, atol=ATOL, rtol=RTOL)
+        alone_next, _ = decode(model, next_tokens[row:row + 1], torch.tensor([len(p)]), own, torch.tensor([0]))
+        torch.testing.assert_close(after[row], alone_next[0], atol=ATOL, rtol=RTOL)
 
 
 @torch.no_grad()
