@@ -65,17 +65,40 @@ class Generator(nn.Module):
         return z + self.c_proj(self.gelu(self.c_fc(self.ln(z))))
 
 
+@dataclass
+class OwnKeyMask:
+    """A past mask extended by each query's own key, for one fused attention call over
+    [past keys, the queries' own keys]: mask (B, 1, S, Lk + S), or None when every query sees every
+    key. The fused kernel runs a settle step's attention (forward and backward) in one op instead of
+    a dozen small ones, but has no second derivative: settling that differentiates through its
+    gradients (unrolled training) keeps the plain past mask and the explicit path."""
+
+    mask: torch.Tensor | None
+
+    @classmethod
+    def from_past(cls, past_mask: torch.Tensor, batch: int) -> "OwnKeyMask":
+        _, _, S, Lk = past_mask.shape
+        own = torch.eye(S, dtype=torch.bool, device=past_mask.device).expand(batch, 1, S, S)
+        mask = torch.cat([past_mask.expand(batch, 1, S, Lk), own], dim=-1)
+        return cls(None if bool(mask.all()) else mask)
+
+
 def attend_with_past(attn, x, k_past, v_past, past_mask):
     """Self-attention of settling positions x (B, S, C): each query attends to the amortised
     keys/values of earlier positions (k_past, v_past: (B, H, Lk, D), visible where past_mask
-    (B, 1, S, Lk) is True) and to its own key/value recomputed from x."""
+    (B, 1, S, Lk) is True) and to its own key/value recomputed from x. past_mask may be an
+    OwnKeyMask: the same attention as one fused call."""
     q, k, v = attn.qkv(x)
+    B, H, S, D = q.shape
+    if isinstance(past_mask, OwnKeyMask):
+        y = F.scaled_dot_product_attention(q, torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2),
+                                           attn_mask=past_mask.mask)
+        return attn.c_proj(y.transpose(1, 2).reshape(B, S, H * D))
     scale = 1.0 / math.sqrt(q.shape[-1])
     s_past = (q @ k_past.transpose(-2, -1) * scale).masked_fill(~past_mask, float("-inf"))
     s_self = (q * k).sum(-1, keepdim=True) * scale
     w = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1)
     y = w[..., :-1] @ v_past + w[..., -1:] * v
-    B, H, S, D = y.shape
     return attn.c_proj(y.transpose(1, 2).reshape(B, S, H * D))
 
 
@@ -174,6 +197,8 @@ class PCGPT(GPT):
         """
         if from_feedforward is None:
             from_feedforward = not create_graph and targets is None
+        if not create_graph:  # attention as one fused call (see OwnKeyMask)
+            past_mask = OwnKeyMask.from_past(past_mask, z0.shape[0])
         kappa = self.kappa() if kappa is None else kappa
         inv_D = (1.0 / self.preconditioner(kappa.detach())).tolist()  # κ only scales z's step: no gradient
         B, S, _ = z0.shape

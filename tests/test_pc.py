@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint
 from model.gpt import GPT, preset_config
-from model.pc import PCGPT, block_with_past
+from model.pc import PCGPT, OwnKeyMask, attend_with_past, block_with_past
 from model.train import TrainConfig, train
 
 VOCAB = 97  # the tiny preset's
@@ -263,6 +263,31 @@ def test_unrolled_settling_in_training_equals_inference_settling():
     graph[-1].pow(2).sum().backward()
     assert pc.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
     assert pc.generators[-1].c_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("positions", [[5, 5], [2, 6]], ids=["level-rows", "ragged-rows"])
+def test_fused_attention_with_own_key_equals_the_explicit_path(positions):
+    """attend_with_past through OwnKeyMask (one SDPA call, what inference settling runs) equals
+    the explicit scores-softmax path (what unrolled training differentiates twice), values and
+    gradients w.r.t. the settling states, for cached queries at the same or different positions."""
+    _, pc = make_models()
+    attn = pc.transformer.h[1].attn
+    g = torch.Generator().manual_seed(3)
+    B, C, H = 2, pc.config.n_embd, pc.config.n_head
+    Lk = max(positions)
+    k_past = torch.randn(B, H, Lk, C // H, generator=g)
+    v_past = torch.randn(B, H, Lk, C // H, generator=g)
+    past_mask = torch.arange(Lk)[None, None, None, :] < torch.tensor(positions)[:, None, None, None]
+    x = torch.randn(B, 1, C, generator=g, requires_grad=True)
+    explicit = attend_with_past(attn, x, k_past, v_past, past_mask)
+    fused_mask = OwnKeyMask.from_past(past_mask, B)
+    assert (fused_mask.mask is None) == (positions[0] == positions[1])  # nothing to mask when level
+    fused = attend_with_past(attn, x, k_past, v_past, fused_mask)
+    torch.testing.assert_close(fused, explicit, atol=1e-6, rtol=1e-5)
+    w = torch.randn(explicit.shape, generator=g)
+    (grad_explicit,) = torch.autograd.grad((explicit * w).sum(), x)
+    (grad_fused,) = torch.autograd.grad((fused * w).sum(), x)
+    torch.testing.assert_close(grad_fused, grad_explicit, atol=1e-6, rtol=1e-5)
 
 
 # --- cached settling, causality, batching ------------------------------------------------------------
