@@ -60,8 +60,11 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        too_large = error_response(413, f"request body is larger than {self.max_bytes} bytes",
-                                   "invalid_request_error", None, "request_too_large")
+
+        def too_large(scope, receive, send):  # built only when needed: a response object per request adds up
+            return error_response(413, f"request body is larger than {self.max_bytes} bytes",
+                                  "invalid_request_error", None, "request_too_large")(scope, receive, send)
+
         if declared is not None:
             try:
                 if int(declared) > self.max_bytes:

@@ -167,6 +167,8 @@ class Job:
     async def sse(self, request):
         choices = {r.index: _Choice(r, self) for r in self.requests}
         chunk_kind = self.kind + (".chunk" if self.kind == "chat.completion" else "")
+        # every chunk repeats id, object, created and model: encoded once, each token's part spliced in
+        head = b"data: " + orjson.dumps(self._chunk(chunk_kind, []))[:-3] + b"["
         if self.kind == "chat.completion":
             for i in sorted(choices):
                 yield _sse(self._chunk(chunk_kind, [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -176,10 +178,9 @@ class Job:
                 yield _sse({"error": {"message": event.message, "type": "server_error", "param": None,
                                       "code": "generation_failed"}})
                 continue
-            choice = choices[event.index]
-            part = choice.add(event)
+            part = choices[event.index].add(event)
             if part is not None:
-                yield _sse(self._chunk(chunk_kind, [part]))
+                yield head + orjson.dumps(part) + b"]}\n\n"
         if self.include_usage:
             yield _sse({**self._chunk(chunk_kind, []), "usage": self._usage(choices.values())})
         yield "data: [DONE]\n\n"

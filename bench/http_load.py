@@ -28,6 +28,8 @@ from tqdm import tqdm
 from bench.common import CHAR_CKPT, ROOT, percentile
 
 CONCURRENCY = (1, 4, 16, 32, 64)
+TARGET_LEVEL = 16  # the level of the HTTP/engine target: measured in TARGET_REPEATS interleaved pairs
+TARGET_REPEATS = 3
 PROMPTS = ["ROMEO:\nWhat light through yonder", "First Citizen:\nBefore we proceed", "KING HENRY:\nOnce more",
            "JULIET:\nO Romeo, Romeo", "HAMLET:\nTo be, or not", "LADY MACBETH:\nOut, damned",
            "DUKE:\nIf music be", "MENENIUS:\nWhy, masters"]
@@ -223,6 +225,15 @@ def run(quick=False, threads=1, tokens_per_level=8000, time_cap=40.0):
                            **{f"engine_{k}": v for k, v in raw.items() if k != "concurrency"},
                            **{f"http_{k}": v for k, v in http.items() if k != "concurrency"}}
                     row["http_over_engine"] = http["tok_s"] / raw["tok_s"]
+                    if c == TARGET_LEVEL and not quick:
+                        # one pair is noisy on a shared VM: more interleaved pairs, the median reported
+                        ratios = [row["http_over_engine"]]
+                        for _ in range(TARGET_REPEATS - 1):
+                            raw_again = asyncio.run(engine_level(engine, tokenizer, c, per_client, time_cap))
+                            http_again = asyncio.run(http_level(server.url, c, per_client, time_cap, server.proc.pid))
+                            ratios.append(http_again["tok_s"] / raw_again["tok_s"])
+                        row["http_over_engine_pairs"] = ratios
+                        row["http_over_engine_median"] = sorted(ratios)[len(ratios) // 2]
                     result["rows"].append(row)
             result["server_steps_note"] = "engine batch-size histogram from /metrics"
             result["server_batch_size_sum"] = server.metric("pcgpt_batch_size_sum")

@@ -231,8 +231,11 @@ def md_targets(dec, pc, http, roof):
                          "met" if v >= 8 else "missed"])
         r16 = next((r for r in http["rows"] if r["concurrency"] == 16), None)
         if r16:
-            v = r16["http_over_engine"]
-            rows.append(["HTTP at 16 clients ≥ 80% of raw engine tokens/s", f"{v:.0%}", "met" if v >= 0.8 else "missed"])
+            v = r16.get("http_over_engine_median", r16["http_over_engine"])
+            pairs = r16.get("http_over_engine_pairs")
+            shown = f"{v:.0%}" + (f" (median of {len(pairs)} interleaved pairs: "
+                                  + ", ".join(f"{p:.0%}" for p in pairs) + ")" if pairs else "")
+            rows.append(["HTTP at 16 clients ≥ 80% of raw engine tokens/s", shown, "met" if v >= 0.8 else "missed"])
     if pc:
         settled = [r for r in pc["rows"] if r["settle_steps"]]
         zero = [r for r in pc["rows"] if r["settle_steps"] == 0]
