@@ -63,6 +63,12 @@ def preset_config(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
+def apply_dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """module(x) when it drops anything: at inference even a no-op dropout is a dispatched op, and a
+    small model's decode step is dispatch-bound."""
+    return module(x) if module.training and module.p > 0 else x
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's own has no bias=False before 2.1)."""
 
@@ -90,6 +96,8 @@ class KVCache:
         shape = (config.n_layer, n_slots, config.n_head, self.max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # each layer's view taken once: indexing self.k[layer] per access is one more op each time
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
 
     @property
     def nbytes(self) -> int:
@@ -105,19 +113,19 @@ class KVCache:
         if ctx is not None and isinstance(ctx.rows, slice) and ctx.positions is not None:
             # contiguous slots all writing the same positions: a copy into a view, no scatter
             # (a batch-1 step, or a batch whose rows are level; cheaper between large GEMVs)
-            self.k[layer, ctx.rows, :, ctx.positions] = k.to(self.k.dtype)
-            self.v[layer, ctx.rows, :, ctx.positions] = v.to(self.v.dtype)
+            self.k_layers[layer][ctx.rows, :, ctx.positions] = k.to(self.k.dtype)
+            self.v_layers[layer][ctx.rows, :, ctx.positions] = v.to(self.v.dtype)
             return
         rows = slots[:, None]
-        # advanced indices on dims 0 and 3 with a slice between: the indexed view is (B, S, H, D)
-        self.k[layer, rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer, rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+        # advanced indices on dims 0 and 2 with a slice between: the indexed view is (B, S, H, D)
+        self.k_layers[layer][rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v_layers[layer][rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
 
     def read(self, layer: int, slots: torch.Tensor, length: int, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, H, length, D) of positions [0, length) for rows `slots`; `rows` is
         slot_rows(slots) when the caller has it already (one forward reads every layer)."""
         rows = slot_rows(slots) if rows is None else rows
-        return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length]
+        return self.k_layers[layer][rows, :, :length], self.v_layers[layer][rows, :, :length]
 
 
 def slot_rows(slots: torch.Tensor):
@@ -189,9 +197,9 @@ class CausalSelfAttention(nn.Module):
     def qkv(self, x):
         """Queries, keys and values (B, H, S, D) of the states x (B, S, C)."""
         B, S, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        split = lambda t: t.view(B, S, self.n_head, C // self.n_head).transpose(1, 2)
-        return split(q), split(k), split(v)
+        # one view, one permute, one unbind: the same strided views as split + 3 × (view, transpose)
+        q, k, v = self.c_attn(x).view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
 
     def attend(self, q, k, v, mask=None, causal=True):
         """Attention output projected back to the residual stream; mask None means causal, or
@@ -203,7 +211,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, S, H * D)
-        return self.resid_dropout(self.c_proj(y))
+        return apply_dropout(self.resid_dropout, self.c_proj(y))
 
     def forward(self, x, layer=0, input_pos=None, kv_cache=None, slots=None, ctx: CacheContext | None = None):
         q, k, v = self.qkv(x)
@@ -226,7 +234,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return apply_dropout(self.dropout, self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -298,7 +306,7 @@ class GPT(nn.Module):
             input_pos = torch.arange(idx.shape[1], device=idx.device)[None, :]
         if int(input_pos.max()) >= self.config.block_size:
             raise ValueError(f"position {int(input_pos.max())} is beyond the context of {self.config.block_size}")
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(input_pos))
+        return apply_dropout(self.transformer.drop, self.transformer.wte(idx) + self.transformer.wpe(input_pos))
 
     def head(self, x):
         """Logits of the final residual states x (..., C)."""
