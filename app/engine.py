@@ -261,20 +261,19 @@ class Engine:
                 self._series("queue_time").observe(time.perf_counter() - request.arrival)
                 self._series("prompt_tokens").inc(len(request.prompt_ids))
         for group in self._prefill_groups(admitted):
-            try:
-                self._prefill(group)
-            except Exception as e:
-                if len(group) == 1:
-                    log.exception("prefill failed for one request of %s", self.name)
-                    self._fail(group[0], e)
-                else:  # find the request that fails: each alone, so the others still start
-                    log.exception("batched prefill failed on %s; retrying requests one by one", self.name)
-                    for seq in group:
-                        try:
-                            self._prefill([seq])
-                        except Exception as e1:
-                            self._fail(seq, e1)
+            self._prefill(group)
             self._flush()  # the group's first tokens go out now, not after the other admissions
+
+    def _retry_alone(self, seqs: list[Sequence], error: Exception, run, what: str) -> None:
+        """After run(seqs) raised: fail the request when it was alone, else run each sequence on
+        its own, so that only the one that fails fails and the others still get their token."""
+        if len(seqs) == 1:
+            log.error("%s failed for one request of %s", what, self.name, exc_info=error)
+            self._fail(seqs[0], error)
+            return
+        log.error("batched %s failed on %s; retrying requests one by one", what, self.name, exc_info=error)
+        for seq in seqs:
+            run([seq])
 
     def _prefill_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
         """Admissions prefilled together: similar lengths side by side, at most
@@ -295,6 +294,12 @@ class Engine:
         return not self._stop
 
     def _prefill(self, seqs: list[Sequence]) -> None:
+        try:
+            self._prefill_rows(seqs)
+        except Exception as e:  # a prefill can run again: it rewrites the slot from position 0
+            self._retry_alone(seqs, e, self._prefill, "prefill")
+
+    def _prefill_rows(self, seqs: list[Sequence]) -> None:
         prompts = []
         for seq in seqs:
             self.prompt_mask[seq.slot] = False
@@ -344,16 +349,8 @@ class Engine:
         steps = self._settle_steps(rows)
         try:
             logits, stats = decode(self.model, tokens, pos, self.cache, slots, steps)
-        except Exception:
-            if len(rows) == 1:
-                raise
-            # find the row that fails: each alone, so the others still get their token
-            log.exception("batched decode failed on %s; retrying rows one by one", self.name)
-            for seq in rows:
-                try:
-                    self._decode([seq])
-                except Exception as e:
-                    self._fail(seq, e)
+        except Exception as e:  # only the forward is retried: nothing else of the step has happened
+            self._retry_alone(rows, e, self._decode, "decode")
             return
         self.steps_run += 1
         self.batch_size_counts[len(rows)] = self.batch_size_counts.get(len(rows), 0) + 1

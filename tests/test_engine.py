@@ -134,3 +134,45 @@ def test_failed_batched_prefill_retries_each_request_alone(models, monkeypatch):
     assert [r[2] for r in results] == ["length"] * 3
     alone = [_run(_engine(models["base"], tokenizer), [_request(tokenizer, p, i)])[0][0] for i, p in enumerate(PROMPTS[:3])]
     assert [r[0] for r in results] == alone
+
+
+def test_a_decode_that_fails_for_one_row_fails_only_that_request(models, monkeypatch):
+    """A forward that raises whenever one poisoned row is in the batch: the batch is retried row by
+    row, that request ends with an error, the others finish with their own tokens, and the engine
+    goes on serving (also when the poisoned row ends up decoding alone)."""
+    tokenizer = models["tokenizer"]
+    real = engine_module.decode
+    poisoned_slot = {}
+
+    def decode(model, tokens, pos, cache, slots, steps):
+        if poisoned_slot.get("slot") in slots.tolist():
+            raise RuntimeError("poisoned row")
+        return real(model, tokens, pos, cache, slots, steps)
+
+    monkeypatch.setattr(engine_module, "decode", decode)
+    engine = _engine(models["base"], tokenizer)
+    requests = [_request(tokenizer, p, i) for i, p in enumerate(PROMPTS[:4])]
+    engine.submit(requests)
+    torch.set_grad_enabled(False)
+    try:
+        engine.step()  # admits and prefills all four, then decodes them
+        poisoned_slot["slot"] = next(s.slot for s in engine.running if s.request is requests[2])
+        for _ in range(50):
+            if not engine.running and not engine.waiting:
+                break
+            engine.step()
+    finally:
+        torch.set_grad_enabled(True)
+    finishes, texts = [], []
+    for r in requests:
+        events = [r.events.get_nowait() for _ in range(r.events.qsize())]
+        finishes.append(next(("error" if isinstance(e, ErrorEvent) else e.finish_reason)
+                             for e in events if isinstance(e, (DoneEvent, ErrorEvent))))
+        texts.append("".join(e.text for e in events if isinstance(e, TokenEvent)))
+    assert finishes == ["length", "length", "error", "length"]
+    assert engine.dead is None and not engine.running
+    monkeypatch.setattr(engine_module, "decode", real)
+    alone = [_run(_engine(models["base"], tokenizer), [_request(tokenizer, p, i)])[0][0] for i, p in enumerate(PROMPTS[:4])]
+    assert [texts[i] for i in (0, 1, 3)] == [alone[i] for i in (0, 1, 3)]  # the survivors: as alone
+    again = _run(engine, [_request(tokenizer, PROMPTS[0], 0)])  # and the engine still serves
+    assert again[0][2] == "length" and again[0][0] == alone[0]
