@@ -197,7 +197,9 @@ def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
         model = getattr(request.state, "model_name", None) or "none"
         metrics.errors.labels(model=model, type=type_).inc()
 
-    def require_api_key(request: Request) -> None:
+    async def require_api_key(request: Request) -> None:
+        # async on purpose: FastAPI runs a plain-def dependency in a worker thread, a thread
+        # handoff (and GIL contention with the engine) on every inference request
         if not config.api_key:
             return
         header = request.headers.get("authorization", "")
