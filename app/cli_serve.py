@@ -26,6 +26,8 @@ def register(sub, model_args, env):
                    help="allow this browser origin (repeatable); CORS is closed by default")
     s.add_argument("--drain-seconds", type=float, default=float(env("drain_seconds", d.drain_seconds)))
     s.add_argument("--threads", type=int, default=int(env("threads", d.threads)))
+    s.add_argument("--stream-interval", type=int, default=int(env("stream_interval", d.stream_interval)),
+                   help="tokens per stream chunk while a request runs (the first goes at once)")
     s.add_argument("--log-level", default=env("log_level", "info"))
     s.set_defaults(func=cmd_serve)
 
@@ -58,9 +60,9 @@ def cmd_serve(args) -> int:
                           dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                           api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
                           max_prompt_chars=args.max_prompt_chars, cors_origins=args.cors_origin,
-                          drain_seconds=args.drain_seconds, threads=args.threads)
-    if config.max_batch_size < 1 or config.max_queue < 0:
-        raise ValueError("--max-batch-size must be at least 1 and --max-queue at least 0")
+                          drain_seconds=args.drain_seconds, threads=args.threads, stream_interval=args.stream_interval)
+    if config.max_batch_size < 1 or config.max_queue < 0 or config.stream_interval < 1:
+        raise ValueError("--max-batch-size and --stream-interval must be at least 1 and --max-queue at least 0")
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)

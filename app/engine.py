@@ -100,6 +100,8 @@ class Sequence:
         self.generator = make_generator(request.sampling.seed, device)
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
+        self.unsent: TokenEvent | None = None  # released tokens waiting for the stream interval
+        self.sent_at = 0  # tokens generated when text last went out (0: nothing yet)
         ed = request.error_driven
         self.mu = (2 * ed.tau if ed.mu0 is None else ed.mu0) if ed else math.inf
         self.log_mean = ed.m0 if ed else None
@@ -107,7 +109,8 @@ class Sequence:
 
 class Engine:
     def __init__(self, name: str, model, tokenizer, metrics=None, max_batch_size: int = 16,
-                 max_queue: int = 64, sampler_defaults: dict | None = None, max_prefill_tokens: int = MAX_PREFILL_TOKENS):
+                 max_queue: int = 64, sampler_defaults: dict | None = None, max_prefill_tokens: int = MAX_PREFILL_TOKENS,
+                 stream_interval: int = 1):
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -115,6 +118,9 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
+        # a running request's tokens go out every stream_interval tokens (the first at once, the
+        # rest with the finish): fewer, larger events and stream chunks, less HTTP work per token
+        self.stream_interval = max(1, stream_interval)
         self.sampler_defaults = sampler_defaults or {}
         self.device = model.lm_head.weight.device
         self.block_size = model.config.block_size
@@ -527,10 +533,27 @@ class Engine:
                 released.append(t)
         released = [{k: v for k, v in t.items() if k != "_len"} for t in released]
         if text or released or prompt_tokens is not None:
-            self._emit(r, TokenEvent(r.index, text, released, prompt_tokens))
+            self._stream(seq, TokenEvent(r.index, text, released, prompt_tokens), final)
+
+    def _stream(self, seq: Sequence, event: TokenEvent, final: bool) -> None:
+        """Emits released tokens, or keeps them for the stream interval: the first tokens and
+        the last ones go at once, the others once stream_interval tokens have come since."""
+        if seq.unsent is not None:
+            held = seq.unsent
+            event = TokenEvent(event.index, held.text + event.text, held.tokens + event.tokens,
+                               held.prompt_tokens if held.prompt_tokens is not None else event.prompt_tokens)
+            seq.unsent = None
+        if final or seq.sent_at == 0 or seq.generated - seq.sent_at >= self.stream_interval:
+            seq.sent_at = seq.generated
+            self._emit(seq.request, event)
+        else:
+            seq.unsent = event
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         r = seq.request
+        if seq.unsent is not None:  # cancelled or aborted between intervals: what was made goes out
+            self._emit(r, seq.unsent)
+            seq.unsent = None
         if seq in self.running:
             self.running.remove(seq)
             self.free_slots.append(seq.slot)
@@ -542,6 +565,9 @@ class Engine:
         self._emit(r, DoneEvent(r.index, reason, len(r.prompt_ids), seq.generated))
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
+        if seq.unsent is not None:
+            self._emit(seq.request, seq.unsent)
+            seq.unsent = None
         if seq in self.running:
             self.running.remove(seq)
             self.free_slots.append(seq.slot)

@@ -132,7 +132,8 @@ def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
         engines = {}
         for name, (model, tokenizer, metadata) in loaded.items():
             engine = Engine(name, model, tokenizer, metrics, max_batch_size=config.max_batch_size,
-                            max_queue=config.max_queue, sampler_defaults=service.sampler_defaults(metadata, tokenizer))
+                            max_queue=config.max_queue, sampler_defaults=service.sampler_defaults(metadata, tokenizer),
+                            stream_interval=config.stream_interval)
             if fault_injection:
                 _install_fault_injection(engine)
             engine.start()

@@ -30,6 +30,7 @@ from bench.common import CHAR_CKPT, ROOT, percentile
 CONCURRENCY = (1, 4, 16, 32, 64)
 TARGET_LEVEL = 16  # the level of the HTTP/engine target: measured in TARGET_REPEATS interleaved pairs
 TARGET_REPEATS = 3
+STREAM_INTERVAL = 4  # a second server at the target level: `pcgpt serve --stream-interval 4`
 PROMPTS = ["ROMEO:\nWhat light through yonder", "First Citizen:\nBefore we proceed", "KING HENRY:\nOnce more",
            "JULIET:\nO Romeo, Romeo", "HAMLET:\nTo be, or not", "LADY MACBETH:\nOut, damned",
            "DUKE:\nIf music be", "MENENIUS:\nWhy, masters"]
@@ -238,6 +239,22 @@ def run(quick=False, threads=1, tokens_per_level=8000, time_cap=40.0):
             result["server_steps_note"] = "engine batch-size histogram from /metrics"
             result["server_batch_size_sum"] = server.metric("pcgpt_batch_size_sum")
             result["server_batch_size_count"] = server.metric("pcgpt_batch_size_count")
+        if not quick:  # the same target level with `--stream-interval 4`: fewer, larger chunks
+            with Server({"shakespeare-char": CHAR_CKPT}, "--max-batch-size", str(max_batch), "--max-queue",
+                        str(4 * max_batch), "--threads", str(threads), "--log-level", "warning",
+                        "--stream-interval", str(STREAM_INTERVAL), log_path=log_path) as server:
+                c = TARGET_LEVEL
+                per_client = max(2, -(-tokens_per_level // (MAX_TOKENS * c)))
+                pairs, chunks = [], []
+                for _ in tqdm(range(TARGET_REPEATS), desc=f"3 http, --stream-interval {STREAM_INTERVAL}", unit="pair"):
+                    raw = asyncio.run(engine_level(engine, tokenizer, c, per_client, time_cap))
+                    http = asyncio.run(http_level(server.url, c, per_client, time_cap, server.proc.pid))
+                    pairs.append(http["tok_s"] / raw["tok_s"])
+                    chunks.append(http["chunks_per_token"])
+                result["stream_interval"] = {"interval": STREAM_INTERVAL, "concurrency": c, "pairs": pairs,
+                                             "median": sorted(pairs)[len(pairs) // 2],
+                                             "chunks_per_token": sorted(chunks)[len(chunks) // 2],
+                                             "last_http": http}
     finally:
         engine.shutdown(2)
         torch.set_num_threads(saved_threads)

@@ -176,3 +176,34 @@ def test_a_decode_that_fails_for_one_row_fails_only_that_request(models, monkeyp
     assert [texts[i] for i in (0, 1, 3)] == [alone[i] for i in (0, 1, 3)]  # the survivors: as alone
     again = _run(engine, [_request(tokenizer, PROMPTS[0], 0)])  # and the engine still serves
     assert again[0][2] == "length" and again[0][0] == alone[0]
+
+
+@pytest.mark.parametrize("interval", [2, 4])
+def test_stream_interval_sends_the_same_tokens_in_fewer_events(models, interval):
+    """stream_interval > 1 (`pcgpt serve --stream-interval`): the first token goes out at once,
+    then at most one event per `interval` tokens, the rest with the finish; text, tokens and
+    their uncertainty are exactly those of interval 1."""
+    tokenizer = models["tokenizer"]
+
+    def events_of(engine_interval):
+        engine = _engine(models["pc"], tokenizer, stream_interval=engine_interval)
+        requests = [_request(tokenizer, p, i, settle=1) for i, p in enumerate(PROMPTS[:3])]
+        engine.submit(requests)
+        torch.set_grad_enabled(False)
+        try:
+            while engine.running or engine.waiting:
+                engine.step()
+        finally:
+            torch.set_grad_enabled(True)
+        return [[r.events.get_nowait() for _ in range(r.events.qsize())] for r in requests]
+
+    plain, chunked = events_of(1), events_of(interval)
+    for one, many in zip(plain, chunked):
+        tokens_one = [e for e in one if isinstance(e, TokenEvent)]
+        tokens_many = [e for e in many if isinstance(e, TokenEvent)]
+        assert "".join(e.text for e in tokens_many) == "".join(e.text for e in tokens_one)
+        assert [t for e in tokens_many for t in e.tokens] == [t for e in tokens_one for t in e.tokens]
+        sizes = [len(e.tokens) for e in tokens_many]
+        assert sizes[0] == 1 and all(n <= interval for n in sizes) and all(n == interval for n in sizes[1:-1]), sizes
+        assert len(tokens_many) < len(tokens_one)
+        assert isinstance(many[-1], DoneEvent) and many[-1].finish_reason == one[-1].finish_reason == "length"

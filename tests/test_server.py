@@ -496,3 +496,20 @@ def test_error_driven_sampler_reduces_to_temperature_sampling(http):
     ed = complete(http, prompt="ROMEO:\n", max_tokens=100, seed=5, temperature=0.8, sampler="error_driven",
                   mirostat_tau=64, mirostat_eta=0, uncertainty=True)["choices"][0]
     assert any(t["precision"] != 1.0 for t in ed["uncertainty"])
+
+
+# --- stream interval ------------------------------------------------------------------------------
+
+def test_stream_interval_flag(base_path, tmp_path):
+    """`pcgpt serve --stream-interval 4`: a stream's first chunk carries one token, later ones four
+    (the char model: one character each), and the text equals the non-streamed completion."""
+    with Server({"base": base_path}, "--stream-interval", "4", log_path=tmp_path / "server.log") as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        params = dict(model="base", prompt="ROMEO:", max_tokens=21, temperature=0)
+        texts = [ch.choices[0].text for ch in c.completions.create(stream=True, **params) if ch.choices]
+        texts = [t for t in texts if t]
+        assert [len(t) for t in texts] == [1, 4, 4, 4, 4, 4], texts
+        assert "".join(texts) == c.completions.create(**params).choices[0].text
+    bad = subprocess.run([PCGPT, "serve", "--model", f"base={base_path}", "--stream-interval", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--stream-interval" in bad.stderr + bad.stdout
