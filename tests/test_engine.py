@@ -42,18 +42,25 @@ def _request(tokenizer, prompt, i, settle=None):
     return r
 
 
+def _drain(engine, after_first_step=None, max_steps=200):
+    """Steps the engine (as its thread would: no autograd) until nothing runs or waits."""
+    torch.set_grad_enabled(False)
+    try:
+        for step in range(max_steps):
+            if not engine.running and not engine.waiting:
+                break
+            engine.step()
+            if step == 0 and after_first_step:
+                after_first_step()
+    finally:
+        torch.set_grad_enabled(True)
+
+
 def _run(engine, requests):
     """Submits every request before the first step (one burst), steps until all are done;
     returns per request (text, per-token uncertainty, finish reason)."""
     engine.submit(requests)
-    torch.set_grad_enabled(False)
-    try:
-        for _ in range(200):
-            if not engine.running and not engine.waiting:
-                break
-            engine.step()
-    finally:
-        torch.set_grad_enabled(True)
+    _drain(engine)
     out = []
     for r in requests:
         text, unc, finish = "", [], None
@@ -106,7 +113,8 @@ def test_burst_is_prefilled_together_and_each_request_gets_what_it_gets_alone(mo
                 torch.testing.assert_close(torch.tensor(got[key], dtype=torch.float64),
                                            torch.tensor(want[key], dtype=torch.float64), atol=1e-4, rtol=1e-4)
         if kind == "pc":
-            assert unc[0]["steps"] == model.config.default_settle_steps if settle(i) is None else unc[0]["steps"] == settle(i)
+            expected = model.config.default_settle_steps if settle(i) is None else settle(i)
+            assert unc[0]["steps"] == expected
 
 
 def test_prefill_token_budget_splits_a_burst(models, prefill_calls):
@@ -153,16 +161,11 @@ def test_a_decode_that_fails_for_one_row_fails_only_that_request(models, monkeyp
     engine = _engine(models["base"], tokenizer)
     requests = [_request(tokenizer, p, i) for i, p in enumerate(PROMPTS[:4])]
     engine.submit(requests)
-    torch.set_grad_enabled(False)
-    try:
-        engine.step()  # admits and prefills all four, then decodes them
+
+    def poison():  # after the first step has admitted, prefilled and decoded all four
         poisoned_slot["slot"] = next(s.slot for s in engine.running if s.request is requests[2])
-        for _ in range(50):
-            if not engine.running and not engine.waiting:
-                break
-            engine.step()
-    finally:
-        torch.set_grad_enabled(True)
+
+    _drain(engine, after_first_step=poison)
     finishes, texts = [], []
     for r in requests:
         events = [r.events.get_nowait() for _ in range(r.events.qsize())]
@@ -189,12 +192,7 @@ def test_stream_interval_sends_the_same_tokens_in_fewer_events(models, interval)
         engine = _engine(models["pc"], tokenizer, stream_interval=engine_interval)
         requests = [_request(tokenizer, p, i, settle=1) for i, p in enumerate(PROMPTS[:3])]
         engine.submit(requests)
-        torch.set_grad_enabled(False)
-        try:
-            while engine.running or engine.waiting:
-                engine.step()
-        finally:
-            torch.set_grad_enabled(True)
+        _drain(engine)
         return [[r.events.get_nowait() for _ in range(r.events.qsize())] for r in requests]
 
     plain, chunked = events_of(1), events_of(interval)
