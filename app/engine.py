@@ -549,22 +549,9 @@ class Engine:
         else:
             seq.unsent = event
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        r = seq.request
-        if seq.unsent is not None:  # cancelled or aborted between intervals: what was made goes out
-            self._emit(r, seq.unsent)
-            seq.unsent = None
-        if seq in self.running:
-            self.running.remove(seq)
-            self.free_slots.append(seq.slot)
-            self.free_slots.sort()
-        if self.metrics:
-            self.metrics.requests.labels(model=self.name, finish_reason=reason).inc()
-            if seq.first_token_at is not None:
-                self._series("e2e").observe(time.perf_counter() - r.arrival)
-        self._emit(r, DoneEvent(r.index, reason, len(r.prompt_ids), seq.generated))
-
-    def _fail(self, seq: Sequence, error: Exception) -> None:
+    def _retire(self, seq: Sequence) -> None:
+        """A sequence leaves the batch: tokens still held for the stream interval go out (a cancel,
+        abort or failure between intervals loses nothing made) and its slot is free at once."""
         if seq.unsent is not None:
             self._emit(seq.request, seq.unsent)
             seq.unsent = None
@@ -572,6 +559,18 @@ class Engine:
             self.running.remove(seq)
             self.free_slots.append(seq.slot)
             self.free_slots.sort()
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        r = seq.request
+        self._retire(seq)
+        if self.metrics:
+            self.metrics.requests.labels(model=self.name, finish_reason=reason).inc()
+            if seq.first_token_at is not None:
+                self._series("e2e").observe(time.perf_counter() - r.arrival)
+        self._emit(r, DoneEvent(r.index, reason, len(r.prompt_ids), seq.generated))
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        self._retire(seq)
         if self.metrics:
             self.metrics.errors.labels(model=self.name, type="generation_error").inc()
         self._emit(seq.request, ErrorEvent(seq.request.index, f"generation failed: {type(error).__name__}: {error}"))
