@@ -8,16 +8,12 @@ import sys
 
 def _load(args):
     import torch
-    from model.checkpoint import load_checkpoint
+    from model.checkpoint import load_for_inference
     from model.device import resolve_device, resolve_dtype
     device = resolve_device(args.device)
     dtype = resolve_dtype(getattr(args, "dtype", None), device)
     torch.set_grad_enabled(False)
-    model, tokenizer, metadata = load_checkpoint(args.model, meta_path=getattr(args, "meta", None), device=device,
-                                                 dtype=dtype)
-    if device.type == "cpu":
-        model.to_inference_layout()
-    return model, tokenizer, metadata
+    return load_for_inference(args.model, meta_path=getattr(args, "meta", None), device=device, dtype=dtype)
 
 
 def cmd_generate(args) -> int:

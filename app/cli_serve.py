@@ -52,7 +52,7 @@ def cmd_serve(args) -> int:
     import uvicorn
     from app.config import ServerConfig
     from app.server import create_app
-    from model.checkpoint import load_checkpoint
+    from model.checkpoint import load_for_inference
     from model.device import resolve_device, resolve_dtype
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -69,10 +69,7 @@ def cmd_serve(args) -> int:
     dtype = resolve_dtype(config.dtype, device)
     loaded = {}
     for name, path in config.models.items():
-        model, tokenizer, metadata = load_checkpoint(path, device=device, dtype=dtype)
-        model.requires_grad_(False)  # serving never trains; PC settling takes gradients w.r.t. states only
-        if device.type == "cpu":
-            model.to_inference_layout()
+        model, tokenizer, metadata = load_for_inference(path, device=device, dtype=dtype)
         loaded[name] = (model, tokenizer, metadata)
         logging.getLogger("pcgpt").info("loaded %s (%s, %s) from %s on %s", name, model.model_type,
                                         f"{model.num_params(False):,} parameters", path, device)

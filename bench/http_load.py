@@ -193,7 +193,7 @@ def run(quick=False, threads=1, tokens_per_level=8000, time_cap=40.0):
     from serving import Server
     from app.engine import Engine
     from app.metrics import Metrics
-    from model.checkpoint import load_checkpoint
+    from model.checkpoint import load_for_inference
 
     levels = (1, 4, 16) if quick else CONCURRENCY
     if quick:
@@ -201,9 +201,7 @@ def run(quick=False, threads=1, tokens_per_level=8000, time_cap=40.0):
     max_batch = max(levels)
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    model, tokenizer, _ = load_checkpoint(CHAR_CKPT)
-    model.requires_grad_(False)
-    model.to_inference_layout()  # as the server does on CPU
+    model, tokenizer, _ = load_for_inference(CHAR_CKPT)  # as the server loads it
     engine = Engine("shakespeare-char", model, tokenizer, Metrics(), max_batch_size=max_batch, max_queue=4 * max_batch)
     engine.start()
     result = {"threads": threads, "max_batch_size": max_batch, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE,

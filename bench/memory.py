@@ -78,7 +78,7 @@ def long_run(model, tokenizer, n_requests, max_tokens, batch, prompt="ROMEO:\nWh
 
 
 def child(gpt2_dir):
-    from model.checkpoint import load_checkpoint
+    from model.checkpoint import load_for_inference
     torch.set_grad_enabled(False)
     out = {"rss_after_import_torch": rss_bytes()}
     samples, stop = [], threading.Event()
@@ -93,8 +93,7 @@ def child(gpt2_dir):
         peaks.append((label, peak_rss_bytes()))  # the kernel's peak so far: catches spikes the sampler misses
 
     t_start = time.perf_counter()
-    char, char_tok, _ = load_checkpoint(CHAR_CKPT)
-    char.to_inference_layout()  # loaded as `pcgpt serve` loads it on CPU
+    char, char_tok, _ = load_for_inference(CHAR_CKPT)  # as `pcgpt serve` loads it
     out["rss_after_char_model"] = rss_bytes()
     mark("char model loaded")
     # physical check of the formula: a touched KV cache grows RSS by its size
@@ -111,8 +110,7 @@ def child(gpt2_dir):
     mark("char long run done")
 
     rss_before_gpt2 = rss_bytes()
-    gpt2, gpt2_tok, _ = load_checkpoint(gpt2_dir)
-    gpt2.to_inference_layout()
+    gpt2, gpt2_tok, _ = load_for_inference(gpt2_dir)
     out["gpt2_weight_bytes"] = sum(p.numel() * p.element_size() for p in gpt2.parameters())
     out["rss_after_gpt2_model"] = rss_bytes()
     mark("gpt2 loaded")

@@ -6,7 +6,7 @@ import tempfile
 import torch
 
 from bench.common import CHAR_CKPT
-from model.checkpoint import HF_TRANSPOSED, load_checkpoint
+from model.checkpoint import HF_TRANSPOSED, load_for_inference
 
 
 def gpt2_pair(seed: int = 0):
@@ -17,9 +17,7 @@ def gpt2_pair(seed: int = 0):
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours, tokenizer, _ = load_checkpoint(d)
-    ours.requires_grad_(False)
-    ours.to_inference_layout()  # as `pcgpt serve` runs it on CPU
+        ours, tokenizer, _ = load_for_inference(d)  # as `pcgpt serve` loads it
     hf.requires_grad_(False)
     return ours, hf, tokenizer
 
@@ -28,7 +26,7 @@ def char_pair():
     """The shipped char baseline and an HF GPT2LMHeadModel holding the same weights: exact GELU,
     zero biases where ours has none (bias=False), Conv1D weights transposed."""
     import transformers
-    ours, tokenizer, _ = load_checkpoint(CHAR_CKPT)
+    ours, tokenizer, _ = load_for_inference(CHAR_CKPT)  # as `pcgpt serve` loads it
     c = ours.config
     hf_config = transformers.GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
                                         n_layer=c.n_layer, n_head=c.n_head,
@@ -47,8 +45,6 @@ def char_pair():
                 pass  # causal-mask buffers of older transformers
             else:
                 raise KeyError(f"no counterpart for HF parameter {name}")
-    ours.requires_grad_(False)
-    ours.to_inference_layout()  # as `pcgpt serve` runs it on CPU
     hf.requires_grad_(False)
     return ours, hf, tokenizer
 

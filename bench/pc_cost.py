@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from bench.common import CHAR_CKPT, CHAR_PC_CKPT, median, set_threads
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_for_inference
 from model.generate import decode, prefill
 
 STEPS = (0, 1, 2, 4, 8)
@@ -22,22 +22,21 @@ BATCHES = (1, 8)
 
 def pc_model():
     if (CHAR_PC_CKPT / "config.json").exists():
-        pc, _, _ = load_checkpoint(CHAR_PC_CKPT)
-        base, _, _ = load_checkpoint(CHAR_CKPT)
+        pc, _, _ = load_for_inference(CHAR_PC_CKPT)  # as `pcgpt serve` loads them
+        base, _, _ = load_for_inference(CHAR_CKPT)
         # the baseline of the same weights: the PC checkpoint's own bottom-up path
         base.load_state_dict({k: v for k, v in pc.state_dict().items() if k in base.state_dict()})
         source = f"checkpoints/{CHAR_PC_CKPT.name}"
     else:
         from model.pc import PCGPT
-        base, _, _ = load_checkpoint(CHAR_CKPT)
+        base, _, _ = load_for_inference(CHAR_CKPT)
         torch.manual_seed(0)
         pc = PCGPT.from_baseline(base).eval()
-        for g in pc.generators:
-            torch.nn.init.normal_(g.c_proj.weight, std=0.05)
+        with torch.no_grad():
+            for g in pc.generators:
+                torch.nn.init.normal_(g.c_proj.weight, std=0.05)
+        pc.requires_grad_(False).to_inference_layout()
         source = f"PCGPT.from_baseline({CHAR_CKPT.name}) with random generators"
-    for m in (pc, base):
-        m.requires_grad_(False)
-        m.to_inference_layout()  # as `pcgpt serve` runs them on CPU
     return pc, base, source
 
 

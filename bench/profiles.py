@@ -84,11 +84,9 @@ def engine_profile(path, n_rows=32, n_steps=60):
     from app.engine import Engine, Request
     from app.metrics import Metrics
     from bench.common import CHAR_CKPT
-    from model.checkpoint import load_checkpoint
+    from model.checkpoint import load_for_inference
     from model.sampling import SamplingParams
-    model, tok, _ = load_checkpoint(CHAR_CKPT)
-    model.requires_grad_(False)
-    model.to_inference_layout()  # as the server does on CPU
+    model, tok, _ = load_for_inference(CHAR_CKPT)  # as the server loads it
     engine = Engine("prof", model, tok, Metrics(), max_batch_size=n_rows, max_queue=n_rows)
     # the engine's thread is not started: step() is driven by hand below
     for i in range(n_rows):

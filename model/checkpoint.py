@@ -81,6 +81,17 @@ def load_checkpoint(path, meta_path=None, device="cpu", dtype=None):
     return model, tokenizer, metadata
 
 
+def load_for_inference(path, meta_path=None, device="cpu", dtype=None):
+    """load_checkpoint as serving, generation, evaluation and the benchmarks use it: no parameter
+    gradients (PC settling takes gradients w.r.t. its states only) and, on CPU, the [in, out]
+    weight layout (GPT.to_inference_layout)."""
+    model, tokenizer, metadata = load_checkpoint(path, meta_path=meta_path, device=device, dtype=dtype)
+    model.requires_grad_(False)
+    if model.lm_head.weight.device.type == "cpu":
+        model.to_inference_layout()
+    return model, tokenizer, metadata
+
+
 def save_pcgpt(directory, model, tokenizer, metadata: dict | None = None) -> Path:
     """Writes a pcgpt directory: config.json (format, model type and args, tokenizer, metadata)
     and model.safetensors. The tied lm_head is stored once, as transformer.wte.weight."""
