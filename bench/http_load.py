@@ -207,10 +207,14 @@ def run(quick=False, threads=1, tokens_per_level=8000, time_cap=40.0):
     result = {"threads": threads, "max_batch_size": max_batch, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE,
               "tokens_per_level": tokens_per_level, "time_cap_s": time_cap, "rows": []}
     log_path = ROOT / "bench" / "results" / "http_server.log"
+
+    def serve(*extra):  # the server every level talks to, with the raw engine's batch, queue and threads
+        return Server({"shakespeare-char": CHAR_CKPT}, "--max-batch-size", str(max_batch), "--max-queue",
+                      str(4 * max_batch), "--threads", str(threads), "--log-level", "warning", *extra,
+                      log_path=log_path)
+
     try:
-        with Server({"shakespeare-char": CHAR_CKPT}, "--max-batch-size", str(max_batch), "--max-queue",
-                    str(4 * max_batch), "--threads", str(threads), "--log-level", "warning",
-                    log_path=log_path) as server:
+        with serve() as server:
             with tqdm(total=2 * len(levels), desc="3 http", unit="level") as bar:
                 for c in levels:
                     per_client = max(2, -(-tokens_per_level // (MAX_TOKENS * c)))
@@ -238,9 +242,7 @@ def run(quick=False, threads=1, tokens_per_level=8000, time_cap=40.0):
             result["server_batch_size_sum"] = server.metric("pcgpt_batch_size_sum")
             result["server_batch_size_count"] = server.metric("pcgpt_batch_size_count")
         if not quick:  # the same target level with `--stream-interval 4`: fewer, larger chunks
-            with Server({"shakespeare-char": CHAR_CKPT}, "--max-batch-size", str(max_batch), "--max-queue",
-                        str(4 * max_batch), "--threads", str(threads), "--log-level", "warning",
-                        "--stream-interval", str(STREAM_INTERVAL), log_path=log_path) as server:
+            with serve("--stream-interval", str(STREAM_INTERVAL)) as server:
                 c = TARGET_LEVEL
                 per_client = max(2, -(-tokens_per_level // (MAX_TOKENS * c)))
                 pairs, chunks = [], []

@@ -77,6 +77,16 @@ def long_run(model, tokenizer, n_requests, max_tokens, batch, prompt="ROMEO:\nWh
     return {"tokens": tokens, "wall_s": wall, "kv_cache_bytes": engine.cache.nbytes}
 
 
+def touched_cache_growth(model, slots, length):
+    """The physical check of the formula: a KV cache allocated and written grows RSS by its size."""
+    before = rss_bytes()
+    cache = model.new_cache(slots, length)
+    cache.k.fill_(1.0)
+    cache.v.fill_(1.0)
+    return {"nbytes": cache.nbytes, "rss_growth": rss_bytes() - before,
+            "formula": model.kv_bytes_per_token() * slots * length}
+
+
 def child(gpt2_dir):
     from model.checkpoint import load_for_inference
     torch.set_grad_enabled(False)
@@ -96,14 +106,7 @@ def child(gpt2_dir):
     char, char_tok, _ = load_for_inference(CHAR_CKPT)  # as `pcgpt serve` loads it
     out["rss_after_char_model"] = rss_bytes()
     mark("char model loaded")
-    # physical check of the formula: a touched KV cache grows RSS by its size
-    before = rss_bytes()
-    cache = char.new_cache(64, 256)
-    cache.k.fill_(1.0)
-    cache.v.fill_(1.0)
-    out["char_kv_64x256"] = {"nbytes": cache.nbytes, "rss_growth": rss_bytes() - before,
-                             "formula": char.kv_bytes_per_token() * 64 * 256}
-    del cache
+    out["char_kv_64x256"] = touched_cache_growth(char, 64, 256)
     mark("char: long run (64 streams x 240 tokens)")
     out["char_long_run"] = long_run(char, char_tok, n_requests=64, max_tokens=240, batch=64)
     out["rss_after_char_long_run"] = rss_bytes()
@@ -114,13 +117,7 @@ def child(gpt2_dir):
     out["gpt2_weight_bytes"] = sum(p.numel() * p.element_size() for p in gpt2.parameters())
     out["rss_after_gpt2_model"] = rss_bytes()
     mark("gpt2 loaded")
-    before = rss_bytes()
-    cache = gpt2.new_cache(8, 1024)
-    cache.k.fill_(1.0)
-    cache.v.fill_(1.0)
-    out["gpt2_kv_8x1024"] = {"nbytes": cache.nbytes, "rss_growth": rss_bytes() - before,
-                             "formula": gpt2.kv_bytes_per_token() * 8 * 1024}
-    del cache
+    out["gpt2_kv_8x1024"] = touched_cache_growth(gpt2, 8, 1024)
     mark("gpt2: long run (8 streams x 96 tokens)")
     out["gpt2_long_run"] = long_run(gpt2, gpt2_tok, n_requests=8, max_tokens=96, batch=8)
     out["rss_after_gpt2_long_run"] = rss_bytes()

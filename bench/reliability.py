@@ -87,6 +87,16 @@ def gauges(server: Server) -> dict:
             "kv_usage": server.metric("pcgpt_kv_cache_usage_ratio", labels)}
 
 
+def _run_bounded(main, what: str, timeout: float, problems: list) -> float:
+    """asyncio.run(main()), whose own wait_for bounds it; a timeout becomes a problem. Returns seconds."""
+    t0 = time.perf_counter()
+    try:
+        asyncio.run(main())
+    except asyncio.TimeoutError:
+        problems.append(f"{what} did not finish within {timeout} s")
+    return time.perf_counter() - t0
+
+
 def wait_idle(server: Server, timeout: float = 15.0) -> tuple[bool, float, dict]:
     """Polls until nothing runs or waits and the KV cache is empty; (idle, seconds, last gauges)."""
     t0 = time.monotonic()
@@ -382,12 +392,7 @@ def run_disconnects(server: Server, streams: int = 60, concurrency: int = BATCH 
     async def main():
         await asyncio.wait_for(asyncio.gather(*(one(p) for p in plans)), timeout)
 
-    t0 = time.perf_counter()
-    try:
-        asyncio.run(main())
-    except asyncio.TimeoutError:
-        problems.append(f"the disconnect run did not finish within {timeout} s")
-    elapsed = time.perf_counter() - t0
+    elapsed = _run_bounded(main, "the disconnect run", timeout, problems)
     idle, idle_s, g = wait_idle(server, timeout=10)
     if not idle:
         problems.append(f"not idle 10 s after the last cut: {g}")
@@ -479,12 +484,7 @@ def run_soak(server: Server, requests: int = 3000, concurrency: int = 6, seed: i
             await asyncio.wait_for(asyncio.gather(*(worker(client) for _ in range(concurrency))), timeout)
 
     rss_start = rss_mb(pid)
-    t0 = time.perf_counter()
-    try:
-        asyncio.run(main())
-    except asyncio.TimeoutError:
-        problems.append(f"the soak did not finish within {timeout} s")
-    elapsed = time.perf_counter() - t0
+    elapsed = _run_bounded(main, "the soak", timeout, problems)
     idle, _, g = wait_idle(server)
     if not idle:
         problems.append(f"not idle after the soak: {g}")

@@ -39,6 +39,12 @@ def _mb(b):
 # --- plots ------------------------------------------------------------------------------------
 
 
+def _save(fig, name: str) -> None:
+    fig.tight_layout()
+    fig.savefig(RESULTS / name, dpi=110)
+    plt.close(fig)
+
+
 def plot_decode(d):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, name, title in ((axes[0], "gpt2", "GPT-2 124M shape (random weights)"),
@@ -58,9 +64,7 @@ def plot_decode(d):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Greedy fp32 decode, {d['threads']} torch threads, prompt {d['prompt_len']} tokens", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "decode.png", dpi=110)
-    plt.close(fig)
+    _save(fig, "decode.png")
 
 
 def plot_pc(d):
@@ -88,9 +92,7 @@ def plot_pc(d):
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "pc_cost.png", dpi=110)
-    plt.close(fig)
+    _save(fig, "pc_cost.png")
 
 
 def plot_http(d):
@@ -123,9 +125,7 @@ def plot_http(d):
         ax.legend(fontsize=8)
     fig.suptitle(f"Char model, {d['max_tokens']} tokens per request, max batch {d['max_batch_size']}, "
                  f"{d['threads']} torch thread(s)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "http.png", dpi=110)
-    plt.close(fig)
+    _save(fig, "http.png")
 
 
 def plot_memory(d):
@@ -157,9 +157,7 @@ def plot_memory(d):
     axes[1].set_title("Process RSS of a long run (fresh process)", fontsize=10)
     axes[1].grid(True, alpha=0.3)
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "memory.png", dpi=110)
-    plt.close(fig)
+    _save(fig, "memory.png")
 
 
 def plot_roofline(d):
@@ -192,9 +190,7 @@ def plot_roofline(d):
     ax.set_xlabel("batch-1 decode tokens/s, GPT-2 124M fp32")
     ax.set_title(f"Bound = {d['bound_read_GBps']:.1f} GB/s read / "
                  f"{d['gpt2_weight_bytes_per_token'] / 1e6:.0f} MB of weights per token", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "roofline.png", dpi=110)
-    plt.close(fig)
+    _save(fig, "roofline.png")
 
 
 # --- markdown ---------------------------------------------------------------------------------
