@@ -285,10 +285,9 @@ class Engine:
         """Admissions prefilled together: similar lengths side by side, at most
         max_prefill_tokens padded tokens a group. Echo requests (every prompt position's
         logits) and empty generations go alone."""
-        alone = [[s] for s in seqs if s.request.prompt_logprobs or s.request.max_tokens == 0]
+        alone = [[s] for s in seqs if _scores_prompt(s.request)]
         groups, group = [], []
-        for seq in sorted((s for s in seqs if not (s.request.prompt_logprobs or s.request.max_tokens == 0)),
-                          key=lambda s: len(s.request.prompt_ids)):
+        for seq in sorted((s for s in seqs if not _scores_prompt(s.request)), key=lambda s: len(s.request.prompt_ids)):
             # sorted by length: this one is the longest so far, so it sets the padded width
             if group and (len(group) + 1) * len(seq.request.prompt_ids) > self.max_prefill_tokens:
                 groups.append(group)
@@ -312,11 +311,12 @@ class Engine:
             self.output_counts[seq.slot] = 0
             prompts.append(torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self.device))
             self.prompt_mask[seq.slot, prompts[-1]] = True
-        if len(seqs) > 1:
+        if len(seqs) > 1:  # a group: its prompts in one padded forward
             slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
             logits, stats = prefill_batch(self.model, prompts, self.cache, slots, self._settle_steps(seqs))
             self._sample_and_emit(seqs, logits, stats)
             return
+        # one request (and so every echo or scoring request: _prefill_groups keeps them alone)
         seq, prompt, r = seqs[0], prompts[0], seqs[0].request
         logits, stats = prefill(self.model, prompt, self.cache, seq.slot, r.settle_steps, all_logits=r.prompt_logprobs)
         prompt_tokens = None
@@ -625,6 +625,11 @@ class Engine:
         if self.device.type == "cuda":
             m.device_memory.labels(model=self.name, kind="allocated").set(torch.cuda.memory_allocated(self.device))
             m.device_memory.labels(model=self.name, kind="reserved").set(torch.cuda.memory_reserved(self.device))
+
+
+def _scores_prompt(r: Request) -> bool:
+    """Echo with logprobs, or max_tokens 0: the prompt's every position is scored, alone."""
+    return r.prompt_logprobs or r.max_tokens == 0
 
 
 def _put_all(items) -> None:
