@@ -146,8 +146,7 @@ class Engine:
         self._outbox: list | None = None
         self._children: dict = {}  # metrics series -> this model's labelled child (_series)
         if metrics:  # weights on the model's device: the one memory series every device has
-            metrics.device_memory.labels(model=name, kind="weights").set(
-                sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]))
+            metrics.device_memory.labels(model=name, kind="weights").set(model.weight_bytes())
             self._gauges()  # KV-cache bytes allocated are known before the first step
 
     # --- lifecycle ----------------------------------------------------------------------------

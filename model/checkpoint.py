@@ -84,7 +84,7 @@ def load_checkpoint(path, meta_path=None, device="cpu", dtype=None):
 def load_for_inference(path, meta_path=None, device="cpu", dtype=None):
     """load_checkpoint as serving, generation, evaluation and the benchmarks use it: no parameter
     gradients (PC settling takes gradients w.r.t. its states only) and, on CPU, the [in, out]
-    weight layout (GPT.to_inference_layout)."""
+    weight layout, or prepacked bf16 weights (GPT.to_inference_layout)."""
     model, tokenizer, metadata = load_checkpoint(path, meta_path=meta_path, device=device, dtype=dtype)
     model.requires_grad_(False)
     if model.lm_head.weight.device.type == "cpu":

@@ -251,6 +251,34 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def onednn_bf16_available() -> bool:
+    """oneDNN with native bf16 on this CPU (AVX512-BF16 or AMX): where prepacked bf16 pays."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class PrepackedLinear(nn.Linear):
+    """An nn.Linear for bf16 inference on CPU: the same weight and bias Parameters (so names,
+    shapes, state_dict and the wte / lm_head tie are unchanged) plus a copy of the weight
+    prepacked in oneDNN's blocked layout, which its AMX / AVX512-BF16 kernels read at close to
+    memory speed (the copy costs the weight's bytes again). Calls that build a graph through the
+    input (PC settling differentiates through the blocks) take F.linear: the prepacked kernel has
+    no backward."""
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear) -> "PrepackedLinear":
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features = linear.in_features, linear.out_features
+        module.weight, module.bias = linear.weight, linear.bias
+        module.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), 1)
+        return module
+
+    def forward(self, x):
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
 class GPT(nn.Module):
     model_type = "gpt"
 
@@ -359,15 +387,33 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def to_inference_layout(self) -> "GPT":
-        """Stores every weight matrix as [in, out] in memory while keeping its [out, in] shape,
-        name and values (a transposed view of a transposed copy), so F.linear hands BLAS the
-        layout it streams fastest for a few rows on CPU: a batch-1 GPT-2 decode step is ~6% faster,
-        the lm_head alone ~15% (BENCHMARKS.md; HF's Conv1D keeps GPT-2 this way). The tied
-        lm_head / wte stays one tensor. For serving: training keeps the usual layout."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.data = module.weight.data.t().contiguous().t()
+        """The weight layout the CPU kernels stream fastest, with every name, shape, value and the
+        wte / lm_head tie unchanged. For serving: training keeps the usual layout.
+
+        fp32: each matrix stored [in, out] (a transposed view of a transposed copy), the layout BLAS
+        reads fastest for a few rows: a batch-1 GPT-2 decode step ~6% faster, the lm_head ~15%
+        (HF's Conv1D keeps GPT-2 this way). bf16 on a CPU with native bf16 (AVX512-BF16 / AMX):
+        each nn.Linear becomes a PrepackedLinear, 1.5× (1 row) to 3.7× (64 rows) the speed of
+        fp32 on the GPT-2 matrices, where bf16 through F.linear is no faster than fp32
+        (BENCHMARKS.md)."""
+        if self.lm_head.weight.device.type != "cpu":
+            return self
+        if self.lm_head.weight.dtype == torch.float32:
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.data = module.weight.data.t().contiguous().t()
+        elif self.lm_head.weight.dtype == torch.bfloat16 and onednn_bf16_available():
+            for parent in list(self.modules()):
+                for name, child in parent.named_children():
+                    if type(child) is nn.Linear:
+                        setattr(parent, name, PrepackedLinear.wrap(child))
         return self
+
+    def weight_bytes(self) -> int:
+        """Bytes the weights hold in memory: parameters, buffers and any prepacked copies."""
+        tensors = [*self.parameters(), *self.buffers()]
+        packed = sum(m.weight.numel() * m.weight.element_size() for m in self.modules() if isinstance(m, PrepackedLinear))
+        return sum(t.numel() * t.element_size() for t in tensors) + packed
 
     def new_cache(self, n_slots: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         p = self.lm_head.weight

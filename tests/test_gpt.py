@@ -2,12 +2,15 @@
 lengths, right-padded batched prefill), HF GPT-2 equivalence of logits and greedy tokens, cache
 and parameter sizes, and the context limit."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn as nn
 
 from model.checkpoint import load_checkpoint
 from model.generate import decode, generate, prefill, prefill_batch
-from model.gpt import GPT, PRESETS, KVCache, preset_config
+from model.gpt import GPT, PRESETS, KVCache, PrepackedLinear, onednn_bf16_available, preset_config
 from model.sampling import SamplingParams
 from model.tokenizer import gpt2_tokenizer
 
@@ -211,6 +214,59 @@ def _save_hf(hf, directory, how):
         state = {k.removeprefix("transformer."): v for k, v in state.items() if not k.startswith("lm_head.")}
     assert not (directory / "model.safetensors").exists()
     torch.save(state, directory / "pytorch_model.bin")
+
+
+needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16_available(),
+                                       reason="this CPU has no native bf16 (AVX512-BF16 / AMX) for oneDNN")
+
+
+@needs_onednn_bf16
+@torch.no_grad()
+def test_prepacked_bf16_keeps_the_model_and_adds_no_error_beyond_bf16():
+    """bf16 on a CPU with native bf16: to_inference_layout swaps every nn.Linear for a
+    PrepackedLinear over the same Parameters (names, shapes, values, the tie, parameter count), and
+    its full and cached logits are as close to fp32's as bf16 through F.linear is."""
+    reference = random_gpt(seed=12)
+    plain = copy.deepcopy(reference).to(torch.bfloat16)
+    served = copy.deepcopy(plain).to_inference_layout()
+    linears = [m for m in plain.modules() if isinstance(m, nn.Linear)]
+    packed = [m for m in served.modules() if isinstance(m, PrepackedLinear)]
+    assert len(packed) == len(linears) > 0
+    before, after = plain.state_dict(), served.state_dict()
+    assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert served.lm_head.weight is served.transformer.wte.weight
+    assert served.num_params() == plain.num_params()
+    assert served.weight_bytes() > plain.weight_bytes()  # the prepacked copies are counted
+
+    seq = [5, 1, 7, 2, 9, 4, 4, 8, 3, 3, 0, 6]
+    exact = full_logits(reference, seq)
+    bf16_error = (full_logits(plain, seq).float() - exact).abs().max()
+    packed_full = full_logits(served, seq).float()
+    assert (packed_full - exact).abs().max() <= 2 * bf16_error
+    assert (packed_full - full_logits(plain, seq).float()).abs().max() <= 2 * bf16_error
+
+    cache = served.new_cache(2)  # cached decoding through the prepacked kernels: the same logits
+    logits, _ = prefill(served, torch.tensor(seq[:8]), cache, 1)
+    rows = [logits]
+    for i, t in enumerate(seq[8:]):
+        logits, _ = decode(served, torch.tensor([t]), torch.tensor([8 + i]), cache, torch.tensor([1]))
+        rows.append(logits[0])
+    assert (torch.stack(rows).float() - packed_full[7:]).abs().max() <= 2 * bf16_error
+
+
+@needs_onednn_bf16
+def test_prepacked_linear_takes_f_linear_when_a_graph_is_built():
+    """PC settling differentiates through the blocks: with a graph through the input the
+    prepacked module gives F.linear's value and gradient (its oneDNN kernel has no backward)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 24).to(torch.bfloat16).requires_grad_(False)
+    packed = PrepackedLinear.wrap(linear)
+    x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
+    (g_packed,) = torch.autograd.grad(packed(x).float().square().sum(), x)
+    (g_plain,) = torch.autograd.grad(linear(x).float().square().sum(), x)
+    assert torch.equal(g_packed, g_plain)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), linear(x), atol=0.05, rtol=0.02)
 
 
 @pytest.mark.parametrize("how", ["safetensors", "bin", "bin-gpt2model"])
