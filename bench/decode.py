@@ -14,6 +14,7 @@ steady state, prefill excluded) and end-to-end tokens/s = B·N / t_N.
 Methods run interleaved within each repeat, so load drift hits all of them alike.
 """
 
+import functools
 import time
 
 import torch
@@ -138,13 +139,17 @@ def bench_model(name, ours, hf, vocab, plan, prompt_len, repeats, seed=0, bar=No
 def plans(quick: bool):
     if quick:
         return {"gpt2": [(1, 8, METHODS, 1), (4, 8, METHODS, 1)],
-                "char": [(1, 16, METHODS, 1), (16, 16, METHODS, 1)]}
+                "char": [(1, 16, METHODS, 1), (16, 16, METHODS, 1)],
+                "gpt2-bf16": [(1, 8, ("ours", "hf"), 1)]}
     return {
         # GPT-2 124M: larger batches get fewer tokens, and nanoGPT's way (which recomputes the
         # window: ~B·window tokens of compute per step) fewer repeats, so the run stays bounded
         "gpt2": [(1, 64, METHODS, 5), (4, 64, METHODS, 3), (16, 32, ("ours", "hf"), 3), (16, 32, ("nanogpt",), 1),
                  (64, 16, ("ours", "hf"), 2), (64, 16, ("nanogpt",), 1)],
         "char": [(1, 128, METHODS, 5), (4, 128, METHODS, 5), (16, 128, METHODS, 5), (64, 128, METHODS, 5)],
+        # the same GPT-2 weights in bf16 (`pcgpt serve --dtype bfloat16`), next to HF in bf16
+        "gpt2-bf16": [(1, 64, ("ours", "hf"), 5), (4, 64, ("ours", "hf"), 3), (16, 32, ("ours", "hf"), 3),
+                      (64, 16, ("ours", "hf"), 2)],
     }
 
 
@@ -171,11 +176,13 @@ def run(quick=False, prompt_len=16):
     from bench.models import char_pair, check_logits, gpt2_pair
     threads = set_threads()
     torch.manual_seed(0)
-    result = {"threads": threads, "prompt_len": prompt_len, "dtype": "float32", "rows": [], "logit_check": {}}
+    result = {"threads": threads, "prompt_len": prompt_len, "dtype": "float32 (gpt2-bf16: bfloat16)", "rows": [],
+              "logit_check": {}}
     p = plans(quick)
     total = sum((reps or 3) for plan in p.values() for _, _, methods, reps in plan for _ in methods)
     with tqdm(total=total, desc="1 decode", unit="run") as bar:
-        for name, build in (("char", char_pair), ("gpt2", gpt2_pair)):
+        for name, build in (("char", char_pair), ("gpt2", gpt2_pair),
+                            ("gpt2-bf16", functools.partial(gpt2_pair, dtype=torch.bfloat16))):
             ours, hf, tok = build()
             vocab = tok.vocab_size
             result["logit_check"][name] = check_logits(ours, hf, vocab)

@@ -9,16 +9,17 @@ from bench.common import CHAR_CKPT
 from model.checkpoint import HF_TRANSPOSED, load_for_inference
 
 
-def gpt2_pair(seed: int = 0):
+def gpt2_pair(seed: int = 0, dtype=torch.float32):
     """GPT-2 124M shape with random weights: built as HF GPT2LMHeadModel, saved with
-    save_pretrained and loaded into ours through the HF-GPT-2 loader, so the weights are the same."""
+    save_pretrained and loaded into ours through the HF-GPT-2 loader, so the weights are the same;
+    both then in `dtype` (ours as `pcgpt serve --dtype` loads it)."""
     import transformers
     torch.manual_seed(seed)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours, tokenizer, _ = load_for_inference(d)  # as `pcgpt serve` loads it
-    hf.requires_grad_(False)
+        ours, tokenizer, _ = load_for_inference(d, dtype=dtype)  # as `pcgpt serve` loads it
+    hf = hf.to(dtype).requires_grad_(False)
     return ours, hf, tokenizer
 
 

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
-from bench.common import RESULTS, median, set_threads
+from bench.common import CHAR_CKPT, RESULTS, median, set_threads
 from model.generate import decode, prefill
 
 
@@ -136,7 +136,7 @@ def gpt2_breakdown(ours, quick=False):
             m(inputs[m.in_features])
         passes.append(time.perf_counter() - t0)
     out["weights_only_pass_ms"] = 1000 * median(passes[2:])
-    bf = copy.deepcopy(ours).to(torch.bfloat16)
+    bf = copy.deepcopy(ours).to(torch.bfloat16).to_inference_layout()  # as `pcgpt serve --dtype bfloat16`
     out["bf16_step_ms"] = _median_step_ms(bf, n=n)
     x = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
     l32, lbf = ours(x).float(), bf(x).float()
@@ -151,6 +151,28 @@ def gpt2_breakdown(ours, quick=False):
         m.forward = types.MethodType(lambda self, x, z=z: z[:x.shape[0]] if x.dim() == 3 else z[:x.shape[0], 0], m)
     out["no_weights_step_ms"] = _median_step_ms(ours, n=n)
     return out
+
+
+@torch.no_grad()
+def bf16_tolerance_char(quick=False):
+    """How far `--dtype bfloat16` moves a trained model's predictions: the shipped char baseline in
+    fp32 and in bf16 (prepacked, as served) on the validation split: loss, top-1 agreement, KL."""
+    from model.checkpoint import load_for_inference
+    from model.evaluate import make_windows, split_ids
+    from bench.common import ROOT
+    fp32, tok, _ = load_for_inference(CHAR_CKPT)
+    bf16, _, _ = load_for_inference(CHAR_CKPT, dtype=torch.bfloat16)
+    ids = split_ids(tok, str(ROOT / "data" / "tinyshakespeare" / "input.txt"), "val")
+    windows = make_windows(ids[: 4096 if quick else 32768], fp32.config.block_size)
+    x = torch.stack([w[0] for w in windows if len(w[0]) == fp32.config.block_size])
+    y = torch.stack([w[1] for w in windows if len(w[1]) == fp32.config.block_size])
+    l32, lbf = fp32(x).float(), bf16(x).float()
+    lp32, lpbf = torch.log_softmax(l32, -1), torch.log_softmax(lbf, -1)
+    loss = lambda lp: float(-lp.gather(-1, y[..., None]).mean())  # noqa: E731
+    return {"tokens": y.numel(), "fp32_loss": loss(lp32), "bf16_loss": loss(lpbf),
+            "max_abs_dlogit": float((l32 - lbf).abs().max()), "logit_std": float(l32.std()),
+            "top1_agree": float((l32.argmax(-1) == lbf.argmax(-1)).float().mean()),
+            "mean_kl_nats": float((lp32.exp() * (lp32 - lpbf)).sum(-1).mean())}
 
 
 def run(quick=False):
@@ -176,4 +198,5 @@ def run(quick=False):
         pc_ops = pc_op_counts(pc, base, quick)
         bar.update(1)
     return {"files": ["profile_gpt2_b1.txt", "profile_engine_char.txt", "profile_pc_T2.txt"],
-            "threads": torch.get_num_threads(), "gpt2_b1": breakdown, "pc_ops": pc_ops}
+            "threads": torch.get_num_threads(), "gpt2_b1": breakdown, "pc_ops": pc_ops,
+            "bf16_char": bf16_tolerance_char(quick)}

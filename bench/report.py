@@ -276,6 +276,22 @@ def md_decode(d):
         out.append(_table(["batch", "new tokens", "ours tok/s", "HF tok/s", "nanoGPT tok/s", "ours/HF", "ours/nanoGPT",
                            "ms/step ours / HF", "prefill ms ours / HF", "ours/HF end-to-end",
                            "same tokens as ours: HF / nanoGPT"], rows))
+    fp32 = {r["batch"]: r for r in d["rows"] if r["model"] == "gpt2"}
+    rows = []
+    for r in sorted((r for r in d["rows"] if r["model"] == "gpt2-bf16"), key=lambda r: r["batch"]):
+        base = fp32.get(r["batch"], {})
+        rows.append([r["batch"], r["new_tokens"], fmt(r.get("ours_decode_tok_s")), fmt(base.get("ours_decode_tok_s")),
+                     _x(r["ours_decode_tok_s"] / base["ours_decode_tok_s"]) if base else "–",
+                     fmt(r.get("hf_decode_tok_s")), _x(r.get("ours_over_hf")),
+                     f"{fmt(r.get('ours_ms_per_step'), 2)} / {fmt(r.get('hf_ms_per_step'), 2)}",
+                     f"{fmt(1000 * r.get('ours_prefill_s', float('nan')), 1)} / {fmt(1000 * r.get('hf_prefill_s', float('nan')), 1)}",
+                     fmt(r.get("hf_tokens_agree"), 2)])
+    if rows:
+        out.append("\n**GPT-2 124M shape in bf16** (`pcgpt serve --dtype bfloat16`: ours with its weights prepacked "
+                   "for oneDNN's native-bf16 kernels; HF in bf16 through its own layers; the same random weights)\n")
+        out.append(_table(["batch", "new tokens", "ours bf16 tok/s", "ours fp32 tok/s", "bf16 / fp32", "HF bf16 tok/s",
+                           "ours/HF (both bf16)", "ms/step ours / HF", "prefill ms ours / HF",
+                           "same tokens as ours: HF"], rows))
     return "\n".join(out)
 
 
@@ -387,6 +403,19 @@ def md_roofline(d):
                          f"**{d[f'gpt2_b1_{m}_fraction_of_bound']:.0%} of the bound**, "
                          f"{d[f'gpt2_b1_{m}_tok_s'] / d['weights_only_pass_tok_s']:.0%} of the weights-only pass "
                          f"({d[f'gpt2_b1_{m}_achieved_GBps']:.1f} GB/s of weights)"])
+    if "gpt2_bf16_b1_bound_tok_s" in d:  # the same limit for `--dtype bfloat16`: half the bytes
+        rows.append(["bf16 weights: bytes per batch-1 token / bandwidth bound",
+                     f"{d['gpt2_bf16_weight_bytes_per_token'] / 1e6:.1f} MB / {d['gpt2_bf16_b1_bound_tok_s']:.1f} tok/s"])
+        if "weights_only_pass_ms_bf16" in d:
+            rows.append(["bf16 weights-only pass (prepacked for oneDNN, as served)",
+                         f"{d['weights_only_pass_ms_bf16']:.1f} ms = {d['weights_only_pass_tok_s_bf16']:.1f} tok/s "
+                         f"({d['weights_only_pass_tok_s_bf16'] / d['gpt2_bf16_b1_bound_tok_s']:.0%} of the bf16 bound)"])
+        for m in ("ours", "hf"):
+            if f"gpt2_bf16_b1_{m}_tok_s" in d:
+                v = d[f"gpt2_bf16_b1_{m}_tok_s"]
+                rows.append([f"{LABELS[m]} in bf16: batch-1 decode",
+                             f"{v:.1f} tok/s = {d[f'gpt2_bf16_b1_{m}_fraction_of_bound']:.0%} of the bf16 bound, "
+                             f"{v / d['gpt2_b1_bound_tok_s']:.0%} of the fp32 bound"])
     return _table(["measurement", "value"], rows)
 
 
@@ -398,11 +427,17 @@ def md_profiles(d):
             ["everything but the weight matrices (matrices stubbed out)", f"{g['no_weights_step_ms']:.2f} ms"],
             ["→ weight matrices inside the step (full − the rest)", f"{g['step_ms'] - g['no_weights_step_ms']:.2f} ms "
              f"({(g['step_ms'] - g['no_weights_step_ms']) / g['weights_only_pass_ms']:.2f}× the matrices alone)"],
-            ["same step, bf16 weights", f"{g['bf16_step_ms']:.2f} ms ({g['step_ms'] / g['bf16_step_ms']:.2f}× the fp32 "
+            ["same step, bf16 weights (prepacked, as `--dtype bfloat16` serves)", f"{g['bf16_step_ms']:.2f} ms ({g['step_ms'] / g['bf16_step_ms']:.2f}× the fp32 "
              "step's speed)"],
             ["bf16 vs fp32 logits (2 × 64 random tokens)",
              f"max abs Δlogit {g['bf16_max_abs_dlogit']:.3f} (logit std {g['fp32_logit_std']:.2f}), "
              f"top-1 agreement {g['bf16_top1_agree']:.1%}, mean KL {g['bf16_mean_kl_nats']:.1e} nats"]]
+    if "bf16_char" in d:  # a trained model: random GPT-2 weights give nearly flat logits, easy to reorder
+        c = d["bf16_char"]
+        rows.append([f"bf16 vs fp32 on the trained char baseline ({c['tokens']:,} validation characters)",
+                     f"val loss {c['fp32_loss']:.4f} → {c['bf16_loss']:.4f} nats/char, top-1 agreement "
+                     f"{c['top1_agree']:.1%}, mean KL {c['mean_kl_nats']:.1e} nats, max abs Δlogit "
+                     f"{c['max_abs_dlogit']:.3f} (logit std {c['logit_std']:.2f})"])
     return ("GPT-2 124M, batch 1, fp32, " + str(d["threads"]) + " threads, median step times (profiles.json). "
             "Operator tables: bench/results/profile_gpt2_b1.txt, profile_engine_char.txt (cProfile of the "
             "engine's step with 32 rows), profile_pc_T2.txt.\n\n" + _table(["measurement", "value"], rows))

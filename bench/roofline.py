@@ -68,21 +68,21 @@ def bandwidth(sizes_mib=(64, 256, 1024), reps=7, bar=None):
     return out
 
 
-def weights_only_pass(reps=15, served_layout=True):
+def weights_only_pass(reps=15, served_layout=True, dtype=torch.float32):
     """Every weight matrix of the GPT-2 124M shape (fresh random tensors, real shapes) applied
     once to one vector, nothing else: the decode step with all non-weight work removed. With
-    served_layout the matrices are stored [in, out] as `pcgpt serve` keeps them on CPU, else in
-    nn.Linear's [out, in]."""
+    served_layout the matrices are laid out as `pcgpt serve` keeps them on CPU ([in, out] in fp32,
+    prepacked for oneDNN in bf16 where the CPU has native bf16), else in nn.Linear's [out, in]."""
     from model.gpt import GPT, preset_config
     torch.manual_seed(0)
-    model = GPT(preset_config("gpt2")).eval().requires_grad_(False)
+    model = GPT(preset_config("gpt2")).eval().requires_grad_(False).to(dtype)
     if served_layout:
         model.to_inference_layout()
     lins = []
     for blk in model.transformer.h:
         lins += [blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj]
     lins.append(model.lm_head)
-    inputs = {n: torch.randn(1, 1, n) for n in (768, 3072)}
+    inputs = {n: torch.randn(1, 1, n, dtype=dtype) for n in (768, 3072)}
 
     def run():
         for lin in lins:
@@ -105,7 +105,7 @@ def matmul_rate(n=2048, reps=5, dtype=torch.float32):
 def run(quick=False, decode_result=None):
     threads = set_threads()
     sizes = (64, 256) if quick else (64, 256, 1024)
-    with tqdm(total=len(sizes) + 5, desc="5 roofline", unit="test") as bar:
+    with tqdm(total=len(sizes) + 6, desc="5 roofline", unit="test") as bar:
         bw = bandwidth(sizes, 3 if quick else 7, bar)
         rates = {}
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -118,6 +118,8 @@ def run(quick=False, decode_result=None):
         passes = weights_only_pass(5 if quick else 15)
         passes.update({f"{k}_linear_layout": v for k, v in weights_only_pass(5 if quick else 15, False).items()})
         bar.update(1)
+        passes.update({f"{k}_bf16": v for k, v in weights_only_pass(5 if quick else 15, True, torch.bfloat16).items()})
+        bar.update(1)
     # the GPT-2 124M shape: bytes read per batch-1 decode step
     from model.gpt import GPT, preset_config
     with torch.device("meta"):
@@ -127,10 +129,14 @@ def run(quick=False, decode_result=None):
     # the fastest read rate measured from main memory (largest working set): the physical bound
     read_bw = max(bw["torch_sum_read_GBps"], bw["torch_gemv_read_GBps"], bw["torch_gemv_t_read_GBps"]) * 1e9
     flops = gpt2.flops_per_token(context=48)
+    with torch.device("meta"):
+        wbytes_bf16 = weight_bytes_per_token(GPT(preset_config("gpt2")).to(torch.bfloat16))
     result = {"threads": threads, **bw, **rates, **passes, "gpt2_weight_bytes_per_token": wbytes,
               "gpt2_flops_per_token": flops,
               "bound_read_GBps": read_bw / 1e9,
               "gpt2_b1_bound_tok_s": read_bw / wbytes,
+              "gpt2_bf16_weight_bytes_per_token": wbytes_bf16,
+              "gpt2_bf16_b1_bound_tok_s": read_bw / wbytes_bf16,
               "gpt2_b1_compute_bound_tok_s": rates["matmul_fp32_GFLOPs"] * 1e9 / flops}
     return result
 
@@ -146,4 +152,9 @@ def attach_decode(roof: dict, decode: dict | None) -> dict:
                     roof[f"gpt2_b1_{m}_tok_s"] = r[f"{m}_decode_tok_s"]
                     roof[f"gpt2_b1_{m}_fraction_of_bound"] = r[f"{m}_decode_tok_s"] / roof["gpt2_b1_bound_tok_s"]
                     roof[f"gpt2_b1_{m}_achieved_GBps"] = r[f"{m}_decode_tok_s"] * roof["gpt2_weight_bytes_per_token"] / 1e9
+        if r["model"] == "gpt2-bf16" and r["batch"] == 1 and "gpt2_bf16_b1_bound_tok_s" in roof:
+            for m in ("ours", "hf"):
+                if f"{m}_decode_tok_s" in r:
+                    roof[f"gpt2_bf16_b1_{m}_tok_s"] = r[f"{m}_decode_tok_s"]
+                    roof[f"gpt2_bf16_b1_{m}_fraction_of_bound"] = r[f"{m}_decode_tok_s"] / roof["gpt2_bf16_b1_bound_tok_s"]
     return roof
