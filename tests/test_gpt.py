@@ -12,7 +12,6 @@ from model.checkpoint import load_checkpoint
 from model.generate import decode, generate, prefill, prefill_batch
 from model.gpt import GPT, PRESETS, KVCache, PrepackedLinear, onednn_bf16_available, preset_config
 from model.sampling import SamplingParams
-from model.tokenizer import gpt2_tokenizer
 
 ATOL = 1e-5
 RTOL = 1e-4

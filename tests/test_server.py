@@ -513,3 +513,40 @@ def test_stream_interval_flag(base_path, tmp_path):
     bad = subprocess.run([PCGPT, "serve", "--model", f"base={base_path}", "--stream-interval", "0"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--stream-interval" in bad.stderr + bad.stdout
+
+
+# --- bf16 -------------------------------------------------------------------------------------------
+
+def test_dtype_bfloat16_serves_prepacked_weights(base_path, tmp_path):
+    """`pcgpt serve --dtype bfloat16` (weights prepacked for oneDNN where the CPU has native bf16):
+    concurrent greedy streams equal the same requests alone and `pcgpt generate --dtype bfloat16`,
+    and the weights gauge counts the prepacked copies."""
+    import torch
+    from model.checkpoint import load_for_inference
+    prompts = ["ROMEO:", "JULIET:\nO", "First Citizen:\nBefore we", "KING"]
+    with Server({"base": base_path}, "--dtype", "bfloat16", log_path=tmp_path / "server.log") as s:
+        c = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+        async def one(prompt):
+            stream = await c.completions.create(model="base", prompt=prompt, max_tokens=24, temperature=0, stream=True)
+            return "".join([ch.choices[0].text async for ch in stream if ch.choices])
+
+        async def run_all():
+            try:
+                return await asyncio.gather(*(one(p) for p in prompts))
+            finally:
+                await c.close()
+
+        together = asyncio.run(run_all())
+        alone = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        for prompt, text in zip(prompts, together):
+            assert len(text) == 24
+            assert alone.completions.create(model="base", prompt=prompt, max_tokens=24, temperature=0).choices[0].text == text
+        card = alone.models.retrieve("base").model_dump()
+        served, _, _ = load_for_inference(base_path, dtype=torch.bfloat16)
+        assert card["kv_cache_bytes_per_token"] == served.kv_bytes_per_token(torch.bfloat16)
+        assert s.metric("pcgpt_device_memory_bytes", {"model": "base", "kind": "weights"}) == served.weight_bytes()
+    cli = subprocess.run([PCGPT, "generate", "--model", str(base_path), "--prompt", prompts[0], "--max-tokens", "24",
+                          "--temperature", "0", "--dtype", "bfloat16"], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout == prompts[0] + together[0] + "\n"
