@@ -1,4 +1,5 @@
-"""`pcgpt serve`: load the models, then run the HTTP service under uvicorn."""
+"""`pcgpt serve`: read the models, then run the HTTP service under uvicorn, each model's engine in a
+process of its own (app/engine_process.py)."""
 
 import logging
 import signal
@@ -52,7 +53,7 @@ def cmd_serve(args) -> int:
     import uvicorn
     from app.config import ServerConfig
     from app.server import create_app
-    from model.checkpoint import load_for_inference
+    from model.checkpoint import load_checkpoint
     from model.device import resolve_device, resolve_dtype
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -60,7 +61,8 @@ def cmd_serve(args) -> int:
                           dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                           api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
                           max_prompt_chars=args.max_prompt_chars, cors_origins=args.cors_origin,
-                          drain_seconds=args.drain_seconds, threads=args.threads, stream_interval=args.stream_interval)
+                          drain_seconds=args.drain_seconds, threads=args.threads, stream_interval=args.stream_interval,
+                          log_level=args.log_level.lower())
     if config.max_batch_size < 1 or config.max_queue < 0 or config.stream_interval < 1:
         raise ValueError("--max-batch-size and --stream-interval must be at least 1 and --max-queue at least 0")
     if config.threads:
@@ -69,9 +71,11 @@ def cmd_serve(args) -> int:
     dtype = resolve_dtype(config.dtype, device)
     loaded = {}
     for name, path in config.models.items():
-        model, tokenizer, metadata = load_for_inference(path, device=device, dtype=dtype)
+        # read here for its description and tokenizer (a bad checkpoint fails before anything
+        # starts); the weights are served by the model's engine process, which loads them itself
+        model, tokenizer, metadata = load_checkpoint(path, device="cpu", dtype=dtype)
         loaded[name] = (model, tokenizer, metadata)
-        logging.getLogger("pcgpt").info("loaded %s (%s, %s) from %s on %s", name, model.model_type,
+        logging.getLogger("pcgpt").info("loaded %s (%s, %s) from %s for %s", name, model.model_type,
                                         f"{model.num_params(False):,} parameters", path, device)
     app = create_app(config, loaded)
     # uvicorn re-raises the SIGTERM it drained on after restoring this handler: with the default

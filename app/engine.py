@@ -1,12 +1,13 @@
 """The engine: continuous batching over a slot KV cache, one per loaded model.
 
 A waiting queue (bounded) and a running batch (bounded by the cache's slots). One loop, on its
-own thread so tensor work never blocks the HTTP event loop: admit waiting sequences into free
-slots and prefill them, run one decode step for every running row, sample with per-row
-parameters, detokenize incrementally, apply stop conditions, hand events to the requests'
-asyncio queues, free finished slots at once.
+own thread: admit waiting sequences into free slots and prefill them, run one decode step for
+every running row, sample with per-row parameters, detokenize incrementally, apply stop
+conditions, deliver the events (to the requests' asyncio queues, or down the pipe of an engine
+process: app/engine_process.py, which is how `pcgpt serve` runs each model), free finished
+slots at once.
 
-The engine is the only long-lived mutable object of the server.
+The engine is the only long-lived mutable object of its process.
 """
 
 import asyncio
@@ -60,6 +61,11 @@ class Request:
     cancelled: bool = False
     events: asyncio.Queue | None = None
     loop: asyncio.AbstractEventLoop | None = None
+    key: int = 0  # set by a RemoteEngine: how the events of its engine process find this request
+
+    def __getstate__(self) -> dict:
+        # sent to an engine process: the asyncio queue and loop stay on the server's side
+        return {**self.__dict__, "events": None, "loop": None}
 
 
 @dataclass
@@ -110,7 +116,7 @@ class Sequence:
 class Engine:
     def __init__(self, name: str, model, tokenizer, metrics=None, max_batch_size: int = 16,
                  max_queue: int = 64, sampler_defaults: dict | None = None, max_prefill_tokens: int = MAX_PREFILL_TOKENS,
-                 stream_interval: int = 1):
+                 stream_interval: int = 1, deliver=None):
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -122,6 +128,9 @@ class Engine:
         # rest with the finish): fewer, larger events and stream chunks, less HTTP work per token
         self.stream_interval = max(1, stream_interval)
         self.sampler_defaults = sampler_defaults or {}
+        # hands a list of (request, event) to whoever waits for them: by default the requests'
+        # asyncio queues, each on its event loop (deliver_to_loops); an engine process pipes them
+        self.deliver = deliver or deliver_to_loops
         self.device = model.lm_head.weight.device
         self.block_size = model.config.block_size
         # the tokenizer's vocabulary: logits past it (nanoGPT pads 50257 to 50304) are dropped
@@ -575,31 +584,18 @@ class Engine:
         self._emit(seq.request, ErrorEvent(seq.request.index, f"generation failed: {type(error).__name__}: {error}"))
 
     def _emit(self, r: Request, event) -> None:
-        if r.loop is None or r.events is None:
-            return
         if self._outbox is not None:  # inside a step: delivered by _flush, with the step's others
             self._outbox.append((r, event))
             return
-        try:
-            r.loop.call_soon_threadsafe(r.events.put_nowait, event)
-        except RuntimeError:
-            pass  # the client's event loop is gone
+        self.deliver([(r, event)])
 
     def _flush(self) -> None:
-        """Hands the events collected so far to their event loops: one call_soon_threadsafe per
-        loop rather than per event, so a step of B rows wakes the HTTP loop (and takes the GIL
-        from this thread) once instead of B times. Order per request is kept."""
+        """Hands the events collected so far over in one call: a step of B rows wakes the HTTP
+        loop (and takes the GIL from this thread) once instead of B times. Order per request is kept."""
         if not self._outbox:
             return
-        by_loop: dict = {}
-        for r, event in self._outbox:
-            by_loop.setdefault(r.loop, []).append((r.events, event))
-        self._outbox = []
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:
-                pass  # the client's event loop is gone
+        items, self._outbox = self._outbox, []
+        self.deliver(items)
 
     def _series(self, name: str):
         """This model's child of a metrics series, looked up once (labels() costs microseconds,
@@ -629,6 +625,20 @@ class Engine:
 def _scores_prompt(r: Request) -> bool:
     """Echo with logprobs, or max_tokens 0: the prompt's every position is scored, alone."""
     return r.prompt_logprobs or r.max_tokens == 0
+
+
+def deliver_to_loops(items) -> None:
+    """Puts each event on its request's asyncio queue, with one call_soon_threadsafe per event
+    loop for the whole list."""
+    by_loop: dict = {}
+    for r, event in items:
+        if r.loop is not None and r.events is not None:
+            by_loop.setdefault(r.loop, []).append((r.events, event))
+    for loop, queued in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, queued)
+        except RuntimeError:
+            pass  # the client's event loop is gone
 
 
 def _put_all(items) -> None:

@@ -9,6 +9,7 @@ import resource
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the route)
+from prometheus_client.metrics_core import Metric
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
                    0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -18,6 +19,12 @@ BITS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16
 ENERGY_BUCKETS = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 100)
 FINISH_REASONS = ("stop", "length", "cancelled", "abort")
 ERROR_TYPES = ("invalid_request_error", "rate_limit_error", "server_error", "generation_error")
+# the series an engine writes, in its own process (app/engine_process.py): a scrape takes them from
+# the engines; the server process writes the rest (HTTP errors, its memory, the model info)
+ENGINE_SERIES = ("requests", "ttft", "itl", "e2e", "queue_time", "prompt_tokens", "generation_tokens", "running",
+                 "waiting", "batch_size", "kv_usage", "kv_bytes", "device_memory", "settle_steps", "entropy",
+                 "surprise", "energy", "decode_steps")
+ENGINE_ERROR_TYPE = "generation_error"  # of pcgpt_request_errors, the one type an engine counts
 
 
 class Metrics:
@@ -45,8 +52,10 @@ class Metrics:
         self.kv_usage = Gauge("pcgpt_kv_cache_usage_ratio", "Fraction of KV-cache positions held by running sequences", m, registry=r)
         self.kv_bytes = Gauge("pcgpt_kv_cache_bytes", "KV-cache bytes: allocated in all, and used by running sequences", m + ["state"], registry=r)
         self.device_memory = Gauge("pcgpt_device_memory_bytes", "Model weights on the device (any device); CUDA memory allocated / reserved by PyTorch", m + ["kind"], registry=r)
-        self.rss = Gauge("pcgpt_process_resident_memory_bytes", "Resident memory of the server process", registry=r)
-        self.rss_peak = Gauge("pcgpt_process_peak_resident_memory_bytes", "Peak resident memory of the server process", registry=r)
+        self.rss = Gauge("pcgpt_process_resident_memory_bytes",
+                         "Resident memory of the server process and its engine processes", registry=r)
+        self.rss_peak = Gauge("pcgpt_process_peak_resident_memory_bytes",
+                              "Peak resident memory of the server process plus each engine process's own peak", registry=r)
         self.settle_steps = Histogram("pcgpt_settle_steps", "Settle steps used per generated token", m, buckets=STEP_BUCKETS, registry=r)
         self.entropy = Histogram("pcgpt_token_entropy_bits", "Entropy of each next-token prediction", m, buckets=BITS_BUCKETS, registry=r)
         self.surprise = Histogram("pcgpt_token_surprise_bits", "Surprise of each generated token", m, buckets=BITS_BUCKETS, registry=r)
@@ -54,6 +63,7 @@ class Metrics:
         self.decode_steps = Counter("pcgpt_decode_steps", "Batched decode steps run", m, registry=r)
         self.model_info = Info("pcgpt_model", "The loaded models", m, registry=r)
         self.errors.labels(model="none", type="invalid_request_error")  # requests for no loaded model
+        self.engine_pids: list[int] = []  # engine processes, whose memory the process series add
 
     def register_model(self, name: str, info: dict) -> None:
         self.model_info.labels(model=name).info({k: str(v) for k, v in info.items()})
@@ -70,22 +80,59 @@ class Metrics:
         for type_ in ERROR_TYPES:
             self.errors.labels(model=name, type=type_)
 
-    def render(self) -> bytes:
+    def render(self, engine_families: list[list[Metric]] | None = None) -> bytes:
+        """The exposition text. With engine_families (each engine process's collected families),
+        the engine series come from them and the rest from this process, in this registry's order."""
         self._sample_process()
-        return generate_latest(self.registry)
+        if engine_families is None:
+            return generate_latest(self.registry)
+        owned = {family.name for attr in ENGINE_SERIES for family in getattr(self, attr).describe()}
+        errors = self.errors.describe()[0].name
+        out = []
+        for family in self.registry.collect():
+            if family.name in owned:
+                family = _empty_like(family)
+            elif family.name == errors:
+                family.samples = [s for s in family.samples if s.labels.get("type") != ENGINE_ERROR_TYPE]
+            else:
+                out.append(family)
+                continue
+            for families in engine_families:
+                for theirs in families:
+                    if theirs.name == family.name:
+                        family.samples += [s for s in theirs.samples
+                                           if family.name in owned or s.labels.get("type") == ENGINE_ERROR_TYPE]
+            out.append(family)
+        return generate_latest(_Families(out))
 
     def _sample_process(self) -> None:
-        try:
-            with open(f"/proc/{os.getpid()}/statm") as f:
-                self.rss.set(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
-        except OSError:
-            pass
-        # VmHWM, the process's own peak: ru_maxrss can carry a parent's peak across fork + exec
-        try:
-            with open(f"/proc/{os.getpid()}/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        self.rss_peak.set(int(line.split()[1]) * 1024)
-                        break
-        except OSError:
-            self.rss_peak.set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        rss = peak = 0
+        for pid in [os.getpid(), *self.engine_pids]:
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    rss += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                # VmHWM, the process's own peak: ru_maxrss can carry a parent's peak across fork + exec
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            peak += int(line.split()[1]) * 1024
+                            break
+            except OSError:  # no /proc (or an engine process just ended)
+                if pid == os.getpid():
+                    peak += resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.rss.set(rss)
+        self.rss_peak.set(peak)
+
+
+def _empty_like(family: Metric) -> Metric:
+    return Metric(family.name, family.documentation, family.type, family.unit)
+
+
+class _Families:
+    """Collected metric families as generate_latest takes a registry."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self):
+        return self.families

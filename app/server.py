@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.config import ServerConfig
-from app.engine import Engine
+from app.engine_process import RemoteEngine
 from app.metrics import CONTENT_TYPE_LATEST, Metrics
 from app.schemas import (CHAT_COMPLETION_BODY, CHAT_COMPLETION_CHUNK, COMPLETION_BODY, COMPLETION_CHUNK, ERROR_BODY,
                          HEALTH_BODY, MODEL_CARD, MODEL_LIST, READY_BODY, ChatCompletionRequest, CompletionRequest,
@@ -101,27 +101,9 @@ def _is_type_tag(part) -> bool:
                                       or "[" in part or part.startswith(("function-", "constrained-")))
 
 
-def _install_fault_injection(engine: Engine) -> None:
-    """TEST ONLY, enabled by PCGPT_FAULT_INJECTION=1 (never set it in production). A request whose
-    `user` is "fault:request" raises inside its row's step after its first token (that request
-    fails, the others go on); "fault:engine" makes the engine loop itself raise, so it dies."""
-    def row_fault(seq):
-        if getattr(seq.request, "fault", None) == "request" and seq.generated >= 1:
-            raise RuntimeError("injected fault (fault:request)")
-
-    step = engine.step
-
-    def step_with_fault():
-        if any(getattr(r, "fault", None) == "engine" for r in list(engine.waiting)):
-            raise RuntimeError("injected fault (fault:engine)")
-        step()
-
-    engine.fault_injector = row_fault
-    engine.step = step_with_fault
-
-
 def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
-    """`loaded`: served name -> (model, tokenizer, metadata), already on their device."""
+    """`loaded`: served name -> (model, tokenizer, metadata) read from config.models[name]; each
+    model is served by an engine process of its own (app/engine_process.py), which loads it there."""
     fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
     if fault_injection:
         log.warning("%s=1: test-only fault injection is on (requests with user 'fault:...')", FAULT_INJECTION_ENV)
@@ -131,14 +113,17 @@ def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
     async def lifespan(app: FastAPI):
         engines = {}
         for name, (model, tokenizer, metadata) in loaded.items():
-            engine = Engine(name, model, tokenizer, metrics, max_batch_size=config.max_batch_size,
-                            max_queue=config.max_queue, sampler_defaults=service.sampler_defaults(metadata, tokenizer),
-                            stream_interval=config.stream_interval)
-            if fault_injection:
-                _install_fault_injection(engine)
-            engine.start()
-            engines[name] = engine
-            metrics.register_model(name, service.model_card(name, engine, metadata))
+            engines[name] = RemoteEngine(name, config.models[name], model, tokenizer, device=config.device,
+                                         dtype=config.dtype, threads=config.threads,
+                                         max_batch_size=config.max_batch_size, max_queue=config.max_queue,
+                                         sampler_defaults=service.sampler_defaults(metadata, tokenizer),
+                                         stream_interval=config.stream_interval, fault_injection=fault_injection,
+                                         log_level=config.log_level)
+            engines[name].start()  # all start, then all load their checkpoints side by side
+        for name, engine in engines.items():
+            engine.wait_ready()
+            metrics.register_model(name, service.model_card(name, engine, loaded[name][2]))
+        metrics.engine_pids = [e.pid for e in engines.values()]
         app.state.engines = engines
         app.state.metadata = {name: m for name, (_, _, m) in loaded.items()}
         app.state.shutting_down = False
@@ -209,7 +194,7 @@ def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                            "invalid_request_error", None, "invalid_api_key")
 
-    def engine_for(request: Request, name: str) -> Engine:
+    def engine_for(request: Request, name: str) -> RemoteEngine:
         request.state.model_name = name if name in request.app.state.engines else None
         engines = request.app.state.engines
         if name not in engines:
@@ -236,8 +221,9 @@ def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
         return JSONResponse(status_code=200 if ok else 503, content=body)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-    async def metrics_route():
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_route(request: Request):
+        engine_families = [await e.collect() for e in request.app.state.engines.values()]
+        return Response(metrics.render(engine_families), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(require_api_key)], summary="the loaded models",
              responses={200: _json(MODEL_LIST, "the loaded models"), 401: _ERRORS[401]})

@@ -123,3 +123,16 @@ def fmt(x, digits=1) -> str:
     if isinstance(x, float) and abs(x) >= 1000:
         return f"{x:,.0f}"
     return f"{x:.{digits}f}"
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (the server and its engine processes)."""
+    pids = [pid]
+    for p in pids:
+        for task in os.listdir(f"/proc/{p}/task"):
+            try:
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    pids += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
+    return pids

@@ -25,7 +25,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from bench.common import CHAR_CKPT, ROOT, percentile
+from bench.common import CHAR_CKPT, ROOT, percentile, process_tree
 
 CONCURRENCY = (1, 4, 16, 32, 64)
 TARGET_LEVEL = 16  # the level of the HTTP/engine target: measured in TARGET_REPEATS interleaved pairs
@@ -38,22 +38,18 @@ MAX_TOKENS = 64
 TEMPERATURE = 1.0
 
 
-def _proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _thread_cpu_s(pid: int) -> dict:
-    """CPU seconds per thread of a process: {tid: seconds}."""
+    """CPU seconds per thread of a process and of its child processes (the server's engine
+    processes): {tid: seconds}."""
     out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for p in process_tree(pid):
+        for tid in os.listdir(f"/proc/{p}/task"):
+            try:
+                with open(f"/proc/{p}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return out
 
 
@@ -134,10 +130,11 @@ async def http_level(url, n_clients, per_client, time_cap, server_pid):
                             counts.append(len(ch["text"]))  # char model: one token per character
             return _record(t0, stamps, counts, tokens)
 
-        cpu_s0, cpu_c0, threads0 = _proc_cpu_s(server_pid), time.process_time(), _thread_cpu_s(server_pid)
+        cpu_c0, threads0 = time.process_time(), _thread_cpu_s(server_pid)
         records, wall = await _closed_loop(one, n_clients, per_client, time_cap)
-        cpu_s1, cpu_c1, threads1 = _proc_cpu_s(server_pid), time.process_time(), _thread_cpu_s(server_pid)
-    out = _summary(records, wall, n_clients, cpu_s1 - cpu_s0, cpu_c1 - cpu_c0)
+        cpu_c1, threads1 = time.process_time(), _thread_cpu_s(server_pid)
+    cpu_server = sum(threads1[t] - threads0.get(t, 0.0) for t in threads1)  # the server and its engine processes
+    out = _summary(records, wall, n_clients, cpu_server, cpu_c1 - cpu_c0)
     out.update(_split_cpu(threads0, threads1, server_pid, None, out["tokens"]))
     return out
 

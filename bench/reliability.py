@@ -37,6 +37,7 @@ of a command-line run go to bench/results/reliability.json.
 import argparse
 import asyncio
 import json
+import os
 import pickle
 import random
 import shutil
@@ -52,6 +53,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.common import process_tree  # noqa: E402
 from tests.serving import PCGPT, Server, free_port, snapshot_baseline  # noqa: E402
 
 MODEL = "shakespeare-char"
@@ -73,11 +75,16 @@ def serve(ckpt: Path, log_path: Path, fault_injection: bool = False, *extra: str
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    """Resident memory of the server and its engine processes."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            if p == pid:
+                raise
+    return total / 1024
 
 
 def gauges(server: Server) -> dict:

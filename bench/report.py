@@ -335,9 +335,10 @@ def md_http(d):
             f"(seeded), closed-loop clients, max batch {d['max_batch_size']}, server and raw engine on "
             f"{d['threads']} torch thread(s), load generator in the benchmark process on the same machine; "
             f"≈{d['tokens_per_level']} tokens per level, {d['time_cap_s']:.0f} s cap. Latencies p50 / p90 / p99 in ms; "
-            "CPU = cores used by the server process / by the benchmark process (raw engine: engine + clients); "
-            "µs/token = CPU time per generated token of the engine thread / of the asyncio event-loop thread "
-            "(HTTP: the server's; raw: the benchmark's, which only reads the event queues).\n\n" +
+            "CPU = cores used by the server (its process and its engine process) / by the benchmark process "
+            "(raw engine: engine + clients); µs/token = CPU time per generated token of the engine thread / of "
+            "the asyncio event-loop thread (HTTP: the engine process's and the server's; raw: both in the "
+            "benchmark process, whose loop only reads the event queues).\n\n" +
             _table(["clients", "path", "requests", "tokens/s", "× one stream", "TTFT ms", "ITL ms", "e2e ms",
                     "HTTP / engine", "CPU server / client", "µs/token engine / loop"], rows) + extra)
 

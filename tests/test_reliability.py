@@ -30,7 +30,7 @@ def show(name, figures):
 
 
 def test_overload_refuses_the_excess_at_once_and_loses_nothing(server):
-    figures = rel.run_overload(server, requests=100, waves=2, max_tokens=24)
+    figures = rel.run_overload(server, requests=100, waves=2, max_tokens=64)
     show("overload", figures)
     assert figures["problems"] == []
     assert figures["accepted"] >= 2 * (rel.BATCH + rel.QUEUE) and figures["rejected_429"] >= 100
