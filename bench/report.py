@@ -219,6 +219,11 @@ def md_targets(dec, pc, http, roof):
         v = roof["gpt2_b1_ours_fraction_of_bound"]
         rows.append(["GPT-2 batch-1 decode within 80% of the bandwidth bound",
                      f"ours/bound = {v:.0%}", "met" if v >= 0.8 else "missed"])
+        if "gpt2_bf16_b1_ours_fraction_of_bound" in roof:
+            rows.append(["(the same in bf16: `--dtype bfloat16`, half the bytes, its own bound)",
+                         f"ours/bf16 bound = {roof['gpt2_bf16_b1_ours_fraction_of_bound']:.0%}; "
+                         f"{roof['gpt2_bf16_b1_ours_tok_s'] / roof['gpt2_b1_bound_tok_s']:.0%} of the fp32 bound",
+                         "met" if roof["gpt2_bf16_b1_ours_fraction_of_bound"] >= 0.8 else "missed"])
     if http:
         r32 = next((r for r in http["rows"] if r["concurrency"] == 32), None)
         if r32:
