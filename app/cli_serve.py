@@ -26,7 +26,8 @@ def register(sub, model_args, env):
     s.add_argument("--cors-origin", action="append", default=[o for o in env("cors_origins", "").split(",") if o],
                    help="allow this browser origin (repeatable); CORS is closed by default")
     s.add_argument("--drain-seconds", type=float, default=float(env("drain_seconds", d.drain_seconds)))
-    s.add_argument("--threads", type=int, default=int(env("threads", d.threads)))
+    s.add_argument("--threads", type=int, default=int(env("threads", d.threads)),
+                   help="torch CPU threads of each model's engine process (0: PyTorch's default, one per core)")
     s.add_argument("--stream-interval", type=int, default=int(env("stream_interval", d.stream_interval)),
                    help="tokens per stream chunk while a request runs (the first goes at once)")
     s.add_argument("--log-level", default=env("log_level", "info"))
