@@ -32,6 +32,7 @@ log = logging.getLogger("pcgpt.engine_process")
 
 START_TIMEOUT_S = 600  # loading a checkpoint in the engine process
 COLLECT_TIMEOUT_S = 5  # an engine's metrics for one scrape
+MAX_MESSAGES_PER_WAKE = 32  # engine messages handled before the event loop gets a turn
 
 
 class RemoteEngine:
@@ -165,8 +166,12 @@ class RemoteEngine:
 
     def _on_readable(self) -> None:
         try:
-            while self._conn.poll():
+            # a bounded batch per wake-up: an engine that keeps sending must not keep the loop
+            # from the streams its events are for
+            for _ in range(MAX_MESSAGES_PER_WAKE):
                 self._handle(self._conn.recv())
+                if not self._conn.poll():
+                    break
         except (EOFError, OSError):
             self._lost()
 
