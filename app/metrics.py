@@ -80,28 +80,24 @@ class Metrics:
         for type_ in ERROR_TYPES:
             self.errors.labels(model=name, type=type_)
 
-    def render(self, engine_families: list[list[Metric]] | None = None) -> bytes:
-        """The exposition text. With engine_families (each engine process's collected families),
-        the engine series come from them and the rest from this process, in this registry's order."""
+    def render(self, engine_families: list[list[Metric]]) -> bytes:
+        """The exposition text: the engine series from engine_families (each engine process's
+        collected families), the rest from this process, in this registry's order."""
         self._sample_process()
-        if engine_families is None:
-            return generate_latest(self.registry)
+        theirs: dict[str, list] = {}
+        for families in engine_families:
+            for family in families:
+                theirs.setdefault(family.name, []).extend(family.samples)
         owned = {family.name for attr in ENGINE_SERIES for family in getattr(self, attr).describe()}
         errors = self.errors.describe()[0].name
         out = []
         for family in self.registry.collect():
             if family.name in owned:
                 family = _empty_like(family)
-            elif family.name == errors:
-                family.samples = [s for s in family.samples if s.labels.get("type") != ENGINE_ERROR_TYPE]
-            else:
-                out.append(family)
-                continue
-            for families in engine_families:
-                for theirs in families:
-                    if theirs.name == family.name:
-                        family.samples += [s for s in theirs.samples
-                                           if family.name in owned or s.labels.get("type") == ENGINE_ERROR_TYPE]
+                family.samples = theirs.get(family.name, [])
+            elif family.name == errors:  # HTTP errors counted here, generation errors by the engines
+                family.samples = ([s for s in family.samples if s.labels.get("type") != ENGINE_ERROR_TYPE] +
+                                  [s for s in theirs.get(errors, []) if s.labels.get("type") == ENGINE_ERROR_TYPE])
             out.append(family)
         return generate_latest(_Families(out))
 

@@ -102,26 +102,26 @@ def child(gpt2_dir):
         marks.append((time.perf_counter() - t_start, label))
         peaks.append((label, peak_rss_bytes()))  # the kernel's peak so far: catches spikes the sampler misses
 
+    def exercise(name, model, tokenizer, slots, length, max_tokens):
+        """A touched cache of slots × length, then `slots` streams of max_tokens each."""
+        out[f"{name}_kv_{slots}x{length}"] = touched_cache_growth(model, slots, length)
+        mark(f"{name}: long run ({slots} streams x {max_tokens} tokens)")
+        out[f"{name}_long_run"] = long_run(model, tokenizer, n_requests=slots, max_tokens=max_tokens, batch=slots)
+        out[f"rss_after_{name}_long_run"] = rss_bytes()
+        mark(f"{name} long run done")
+
     t_start = time.perf_counter()
     char, char_tok, _ = load_for_inference(CHAR_CKPT)  # as `pcgpt serve` loads it
     out["rss_after_char_model"] = rss_bytes()
     mark("char model loaded")
-    out["char_kv_64x256"] = touched_cache_growth(char, 64, 256)
-    mark("char: long run (64 streams x 240 tokens)")
-    out["char_long_run"] = long_run(char, char_tok, n_requests=64, max_tokens=240, batch=64)
-    out["rss_after_char_long_run"] = rss_bytes()
-    mark("char long run done")
+    exercise("char", char, char_tok, 64, 256, 240)
 
     rss_before_gpt2 = rss_bytes()
     gpt2, gpt2_tok, _ = load_for_inference(gpt2_dir)
     out["gpt2_weight_bytes"] = sum(p.numel() * p.element_size() for p in gpt2.parameters())
     out["rss_after_gpt2_model"] = rss_bytes()
     mark("gpt2 loaded")
-    out["gpt2_kv_8x1024"] = touched_cache_growth(gpt2, 8, 1024)
-    mark("gpt2: long run (8 streams x 96 tokens)")
-    out["gpt2_long_run"] = long_run(gpt2, gpt2_tok, n_requests=8, max_tokens=96, batch=8)
-    out["rss_after_gpt2_long_run"] = rss_bytes()
-    mark("gpt2 long run done")
+    exercise("gpt2", gpt2, gpt2_tok, 8, 1024, 96)
     stop.set()
     sampler.join()
     out["rss_before_gpt2_load"] = rss_before_gpt2
