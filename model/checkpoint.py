@@ -87,8 +87,7 @@ def load_for_inference(path, meta_path=None, device="cpu", dtype=None):
     weight layout, or prepacked bf16 weights (GPT.to_inference_layout)."""
     model, tokenizer, metadata = load_checkpoint(path, meta_path=meta_path, device=device, dtype=dtype)
     model.requires_grad_(False)
-    if model.lm_head.weight.device.type == "cpu":
-        model.to_inference_layout()
+    model.to_inference_layout()
     return model, tokenizer, metadata
 
 
