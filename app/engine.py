@@ -187,13 +187,9 @@ class Engine:
 
     def submit(self, requests: list[Request]) -> None:
         """Queues every request or none: a full queue raises QueueFull at once."""
-        if not self._accepting or not self.alive:
-            raise EngineUnavailable(f"model {self.name!r} is " + ("shutting down" if not self._accepting else "not running"))
         with self._lock:
-            # free slots count too: a burst into an idle engine is admitted, not refused
-            if len(self.waiting) + len(requests) > self.max_queue + len(self.free_slots):
-                raise QueueFull(f"model {self.name!r} has {len(self.waiting)} requests waiting "
-                                f"(queue limit {self.max_queue}); try again later")
+            check_admission(self.name, self._accepting, self.alive, len(self.waiting), len(self.free_slots),
+                            len(requests), self.max_queue)
             now = time.perf_counter()
             for r in requests:
                 r.arrival = now
@@ -620,6 +616,16 @@ class Engine:
         if self.device.type == "cuda":
             m.device_memory.labels(model=self.name, kind="allocated").set(torch.cuda.memory_allocated(self.device))
             m.device_memory.labels(model=self.name, kind="reserved").set(torch.cuda.memory_reserved(self.device))
+
+
+def check_admission(name: str, accepting: bool, alive: bool, waiting: int, free_slots: int, incoming: int,
+                    max_queue: int) -> None:
+    """What submit answers when requests cannot all be queued: EngineUnavailable (503) or
+    QueueFull (429, at once). Free slots count too: a burst into an idle engine is admitted."""
+    if not accepting or not alive:
+        raise EngineUnavailable(f"model {name!r} is " + ("shutting down" if not accepting else "not running"))
+    if waiting + incoming > max_queue + free_slots:
+        raise QueueFull(f"model {name!r} has {waiting} requests waiting (queue limit {max_queue}); try again later")
 
 
 def _scores_prompt(r: Request) -> bool:

@@ -26,7 +26,7 @@ import os
 import signal
 import threading
 
-from app.engine import DoneEvent, Engine, EngineUnavailable, ErrorEvent, QueueFull
+from app.engine import DoneEvent, Engine, EngineUnavailable, ErrorEvent, QueueFull, check_admission
 
 log = logging.getLogger("pcgpt.engine_process")
 
@@ -120,14 +120,12 @@ class RemoteEngine:
     # --- called from the HTTP event loop ------------------------------------------------------
 
     def submit(self, requests: list) -> None:
-        """Queues every request or none, with the in-process engine's limit: a request waits only
-        while running + waiting stays within max_batch_size + max_queue (429 past it, at once)."""
-        if not self._accepting or not self.alive:
-            raise EngineUnavailable(f"model {self.name!r} is " + ("shutting down" if not self._accepting else "not running"))
-        if len(self._pending) + len(requests) > self.max_queue + self.max_batch_size:
-            waiting = max(0, len(self._pending) - self.max_batch_size)
-            raise QueueFull(f"model {self.name!r} has {waiting} requests waiting "
-                            f"(queue limit {self.max_queue}); try again later")
+        """Queues every request or none, with the in-process engine's limit, counted from the
+        requests this side still waits on (running + waiting; a finish not yet heard of counts,
+        so the check can only be stricter than the engine's own)."""
+        running = min(len(self._pending), self.max_batch_size)
+        check_admission(self.name, self._accepting, self.alive, len(self._pending) - running,
+                        self.max_batch_size - running, len(requests), self.max_queue)
         for r in requests:
             r.key = next(self._keys)
             self._pending[r.key] = r
