@@ -3,14 +3,19 @@
 Parameter names follow nanoGPT (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...), so
 nanoGPT's `ckpt.pt` and (after the Conv1D transposes) HuggingFace GPT-2 weights load unchanged.
 
-One forward serves every use:
-  - training / evaluation: `model(idx)` over whole sequences, causal attention, no cache;
-  - prefill: `model(idx, input_pos, kv_cache, slots)` writes the prompt's K/V into cache slots;
-  - decode: the same call with one new token per row, each row at its own position.
+Two paths, one computation:
+  - training / evaluation: `model(idx)` over whole sequences through the modules, causal
+    attention, no cache;
+  - serving: `model.forward_cached(idx, input_pos, kv_cache, slots)` runs `cached_block` over each
+    block's tensors (looked up once, not through module calls per step): prefill writes the
+    prompt's K/V into cache slots, decode is the same call with one new token per row, each row at
+    its own position.
+Tests hold them together: cached logits equal the uncached ones.
 """
 
 import math
 from dataclasses import dataclass, asdict, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -107,24 +112,22 @@ class KVCache:
         """K and V of one position in one slot, over all layers."""
         return self.nbytes // (self.n_slots * self.max_len)
 
-    def write(self, layer: int, slots: torch.Tensor, input_pos: torch.Tensor,
-              k: torch.Tensor, v: torch.Tensor, ctx: "CacheContext | None" = None) -> None:
-        """Stores k/v (B, H, S, D) of rows `slots` (B,) at positions `input_pos` (B, S)."""
-        if ctx is not None and isinstance(ctx.rows, slice) and ctx.positions is not None:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx: "CacheContext") -> None:
+        """Stores k/v (B, H, S, D) of a forward's rows ctx.slots at positions ctx.input_pos (B, S)."""
+        if isinstance(ctx.rows, slice) and ctx.positions is not None:
             # contiguous slots all writing the same positions: a copy into a view, no scatter
             # (a batch-1 step, or a batch whose rows are level; cheaper between large GEMVs)
-            self.k_layers[layer][ctx.rows, :, ctx.positions] = k.to(self.k.dtype)
-            self.v_layers[layer][ctx.rows, :, ctx.positions] = v.to(self.v.dtype)
+            self.k_layers[layer][ctx.rows, :, ctx.positions] = k
+            self.v_layers[layer][ctx.rows, :, ctx.positions] = v
             return
-        rows = slots[:, None]
+        rows = ctx.slots[:, None]
         # advanced indices on dims 0 and 2 with a slice between: the indexed view is (B, S, H, D)
-        self.k_layers[layer][rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v_layers[layer][rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+        self.k_layers[layer][rows, :, ctx.input_pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v_layers[layer][rows, :, ctx.input_pos] = v.transpose(1, 2).to(self.v.dtype)
 
-    def read(self, layer: int, slots: torch.Tensor, length: int, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (B, H, length, D) of positions [0, length) for rows `slots`; `rows` is
-        slot_rows(slots) when the caller has it already (one forward reads every layer)."""
-        rows = slot_rows(slots) if rows is None else rows
+    def read(self, layer: int, rows, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, length, D) of positions [0, length) for cache rows `rows`
+        (slot_rows(slots): one forward works out its rows once for every layer)."""
         return self.k_layers[layer][rows, :, :length], self.v_layers[layer][rows, :, :length]
 
 
@@ -162,6 +165,10 @@ class CacheContext:
     """What every layer's cached attention shares within one forward, computed once per forward
     rather than once per layer (on a small model these small ops are much of a decode step)."""
 
+    slots: torch.Tensor  # (B,) the cache row of each batch row
+    input_pos: torch.Tensor  # (B, S) the position of each new token
+    batch: int  # B rows
+    seq: int  # S new positions per row
     length: int  # keys read: positions [0, length), the furthest row's
     mask: torch.Tensor | None  # (B, 1, S, length) or None when every query sees every key read
     rows: object  # slot_rows(slots)
@@ -179,7 +186,7 @@ class CacheContext:
             S = input_pos.shape[1]
             if length == S and bool((input_pos == torch.arange(S, device=input_pos.device)).all()):
                 positions = slice(0, S)  # prompts from position 0 (prefill)
-        return cls(length, mask, slot_rows(slots), positions)
+        return cls(slots, input_pos, input_pos.shape[0], input_pos.shape[1], length, mask, slot_rows(slots), positions)
 
 
 class CausalSelfAttention(nn.Module):
@@ -213,15 +220,8 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, S, H * D)
         return apply_dropout(self.resid_dropout, self.c_proj(y))
 
-    def forward(self, x, layer=0, input_pos=None, kv_cache=None, slots=None, ctx: CacheContext | None = None):
-        q, k, v = self.qkv(x)
-        if kv_cache is None:
-            return self.attend(q, k, v)
-        ctx = ctx or CacheContext.build(slots, input_pos)
-        kv_cache.write(layer, slots, input_pos, k, v, ctx)
-        # only the window up to the furthest position in the batch takes part
-        k_all, v_all = kv_cache.read(layer, slots, ctx.length, ctx.rows)
-        return self.attend(q, k_all.to(q.dtype), v_all.to(q.dtype), ctx.mask, causal=False)
+    def forward(self, x):
+        return self.attend(*self.qkv(x))
 
 
 class MLP(nn.Module):
@@ -229,12 +229,12 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate=config.gelu_approximate)
+        self.approximate = config.gelu_approximate
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return apply_dropout(self.dropout, self.c_proj(self.gelu(self.c_fc(x))))
+        return apply_dropout(self.dropout, self.c_proj(gelu(self.c_fc(x), self.approximate)))
 
 
 class Block(nn.Module):
@@ -246,9 +246,84 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, layer=0, input_pos=None, kv_cache=None, slots=None, ctx=None):
-        x = x + self.attn(self.ln_1(x), layer, input_pos, kv_cache, slots, ctx)
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+    def tensors(self) -> "BlockTensors":
+        return BlockTensors((self.ln_1.weight, self.ln_1.bias), LinearTensors.of(self.attn.c_attn),
+                            LinearTensors.of(self.attn.c_proj), (self.ln_2.weight, self.ln_2.bias),
+                            LinearTensors.of(self.mlp.c_fc), LinearTensors.of(self.mlp.c_proj))
+
+
+# --- the cached forward (prefill and decode) on plain tensors ------------------------------------
+# Serving runs the blocks below rather than the modules above: the same computation, with each
+# block's tensors looked up once (GPT.block_tensors) instead of through nn.Module calls and
+# attribute lookups every step. Between the weight streams of a CPU decode step those cost more
+# than the arithmetic: a GPT-2 batch-1 step 20.7 -> 18.2 ms (BENCHMARKS.md). The equivalence
+# tests (cached == uncached) hold the two paths together.
+
+
+def packed_linear(x, packed, bias):
+    """x @ weight.T + bias with oneDNN's prepacked bf16 weight (no backward)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class LinearTensors(NamedTuple):
+    """One nn.Linear as the cached forward applies it."""
+    weight_t: torch.Tensor  # weight.t(): [in, out], what addmm reads (contiguous after to_inference_layout)
+    bias: torch.Tensor | None
+    packed: torch.Tensor | None  # PrepackedLinear's oneDNN copy, else None
+
+    @classmethod
+    def of(cls, module: nn.Linear) -> "LinearTensors":
+        return cls(module.weight.t(), module.bias, getattr(module, "packed", None))
+
+    def __call__(self, x):
+        """x (N, in) @ weight.T + bias."""
+        if self.packed is not None:
+            return packed_linear(x, self.packed, self.bias)
+        return x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+
+
+class BlockTensors(NamedTuple):
+    """One block's tensors for the cached forward."""
+    ln_1: tuple  # (weight, bias) of the layer norm before attention
+    c_attn: LinearTensors  # queries, keys and values
+    attn_proj: LinearTensors  # attention output back to the residual stream
+    ln_2: tuple  # (weight, bias) of the layer norm before the MLP
+    c_fc: LinearTensors
+    mlp_proj: LinearTensors
+
+
+def gelu(x, approximate: str):
+    """F.gelu, without oneDNN: on CPU PyTorch hands exact-erf GELU of fp32 to oneDNN, whose
+    per-call set-up makes it ~3x slower than ATen's own kernel at a decode step's few thousand
+    elements (9 vs 3 us hot; ~60 us a layer inside a GPT-2 step)."""
+    onednn = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return F.gelu(x, approximate=approximate)
+    finally:
+        torch._C._set_mkldnn_enabled(onednn)
+
+
+def cached_block(x, w: BlockTensors, layer: int, kv_cache: "KVCache", ctx: CacheContext, config: GPTConfig):
+    """Block.forward for rows x (B·S, C) of a cached forward: the new keys and values go into the
+    cache, attention reads each row's history from it."""
+    B, S, H = ctx.batch, ctx.seq, config.n_head
+    C = x.shape[1]
+    h = F.layer_norm(x, (C,), *w.ln_1, 1e-5)
+    q, k, v = w.c_attn(h).view(B, S, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+    kv_cache.write(layer, k, v, ctx)
+    # only the window up to the furthest position in the batch takes part
+    k_all, v_all = kv_cache.read(layer, ctx.rows, ctx.length)
+    if k_all.dtype != q.dtype:
+        k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+    y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=ctx.mask)
+    x = w.attn_proj(y.transpose(1, 2).reshape(B * S, C)) + x
+    h = F.layer_norm(x, (C,), *w.ln_2, 1e-5)
+    return w.mlp_proj(gelu(w.c_fc(h), config.gelu_approximate)) + x
 
 
 def onednn_bf16_available() -> bool:
@@ -276,7 +351,7 @@ class PrepackedLinear(nn.Linear):
     def forward(self, x):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return packed_linear(x, self.packed, self.bias)
 
 
 class GPT(nn.Module):
@@ -301,6 +376,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.register_load_state_dict_post_hook(self.forget_tensors)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -347,26 +423,50 @@ class GPT(nn.Module):
         With a cache: `input_pos` (B, S) gives each token's position and `slots` (B,) the cache
         row of each sequence; the new K/V are stored and attention reads the slot's history.
         """
-        ctx = None
         if kv_cache is not None:
             assert input_pos is not None and slots is not None, "cached forward needs input_pos and slots"
-            ctx = CacheContext.build(slots, input_pos)
-        x = self.embed(idx, input_pos)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, input_pos, kv_cache, slots, ctx)
+            return self.forward_cached(idx, input_pos, kv_cache, slots, last_only=False)[0]
+        x = self.embed(idx)
+        for block in self.transformer.h:
+            x = block(x)
         return self.head(x)
+
+    def cached_states(self, x, input_pos, kv_cache, slots) -> list[torch.Tensor]:
+        """The residual stream after each block of a cached forward from the embeddings x
+        (B, S, C), as rows (B·S, C)."""
+        ctx = CacheContext.build(slots, input_pos)
+        x = x.reshape(-1, x.shape[-1])
+        states = []
+        for layer, tensors in enumerate(self.block_tensors()):
+            x = cached_block(x, tensors, layer, kv_cache, ctx, self.config)
+            states.append(x)
+        return states
 
     def forward_cached(self, idx, input_pos, kv_cache, slots, settle_steps=None, last_only=True, lengths=None):
         """Cached forward for serving: (logits, stats). Logits are (B, V) of each row's last
         token when last_only, else (B, S, V); `lengths` (B,) marks right-padded rows, whose last
         token is then at lengths − 1. The baseline has no per-token stats and no settling;
         `settle_steps` is accepted so both model types share one call."""
-        x = self.embed(idx, input_pos)
-        ctx = CacheContext.build(slots, input_pos)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, input_pos, kv_cache, slots, ctx)
+        x = self.cached_states(self.embed(idx, input_pos), input_pos, kv_cache, slots)[-1].view(*idx.shape, -1)
         # the output head is the largest matmul for a small model: run it only where needed
         return self.head(last_positions(x, lengths) if last_only else x), {}
+
+    # the tensors the cached forward (inference only: it writes the cache in place) uses, looked up
+    # once and dropped whenever the parameters may have moved (.to(), load_state_dict,
+    # to_inference_layout)
+    _block_tensors: list | None = None
+
+    def block_tensors(self) -> list["BlockTensors"]:
+        if self._block_tensors is None:
+            self._block_tensors = [block.tensors() for block in self.transformer.h]
+        return self._block_tensors
+
+    def forget_tensors(self, *_):
+        self._block_tensors = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self.forget_tensors()
+        return super()._apply(fn, *args, **kwargs)
 
     def loss(self, idx, targets):
         """Training loss: mean next-token cross-entropy (nats); returns (loss, extra info)."""
@@ -396,6 +496,7 @@ class GPT(nn.Module):
         each nn.Linear becomes a PrepackedLinear: a GPT-2 decode step 1.4× (batch 1) to 2.3×
         (batch 16-64) fp32's, where bf16 through F.linear is no faster than fp32 (BENCHMARKS.md).
         Other devices keep their layout."""
+        self.forget_tensors()
         if self.lm_head.weight.device.type != "cpu":
             return self
         if self.lm_head.weight.dtype == torch.float32:

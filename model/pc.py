@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.gpt import GPT, CacheContext, GPTConfig, LayerNorm, last_positions, slot_rows
+from model.gpt import GPT, GPTConfig, LayerNorm, last_positions, slot_rows
 
 
 @dataclass
@@ -280,10 +280,11 @@ class PCGPT(GPT):
     def feedforward(self, idx, input_pos=None, kv_cache=None, slots=None):
         """Amortised states [z_0..z_L] (the baseline's residual stream), writing the cache if given."""
         x = self.embed(idx, input_pos)
-        ctx = CacheContext.build(slots, input_pos) if kv_cache is not None else None  # once, not per layer
+        if kv_cache is not None:
+            return [x] + [z.view(x.shape) for z in self.cached_states(x, input_pos, kv_cache, slots)]
         zs = [x]
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, input_pos, kv_cache, slots, ctx)
+        for block in self.transformer.h:
+            x = block(x)
             zs.append(x)
         return zs
 
@@ -303,7 +304,7 @@ class PCGPT(GPT):
         """Keys/values of earlier positions from the cache, for queries at query_pos (B, S)."""
         length = max(int(query_pos.max()), 1)
         rows = slot_rows(slots)
-        pasts = [kv_cache.read(l, slots, length, rows) for l in range(self.config.n_layer)]
+        pasts = [kv_cache.read(l, rows, length) for l in range(self.config.n_layer)]
         key_pos = torch.arange(length, device=query_pos.device)
         mask = key_pos[None, None, None, :] < query_pos[:, None, :, None]
         return [(k.to(self.lm_head.weight.dtype), v.to(self.lm_head.weight.dtype)) for k, v in pasts], mask

@@ -179,6 +179,30 @@ def test_inference_layout_changes_memory_order_only(tmp_path):
     assert torch.equal(loaded(torch.tensor([seq])), model(torch.tensor([seq])))
 
 
+@torch.no_grad()
+def test_cached_forward_follows_the_parameters_wherever_they_move():
+    """The cached forward looks each block's tensors up once; whatever replaces or moves the
+    parameters afterwards (load_state_dict in place or with assign, .to(dtype), the inference
+    layout) must show in its logits, as it does in the uncached forward."""
+    seq = [5, 1, 7, 2, 9, 4]
+
+    def last_cached(m):
+        logits, _ = m.forward_cached(torch.tensor([seq]), torch.arange(len(seq))[None], m.new_cache(1, 16), torch.tensor([0]))
+        return logits[0]
+
+    model, other = random_gpt(seed=1), random_gpt(seed=2)
+    before = last_cached(model)  # the tensors are looked up here
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(last_cached(model), full_logits(other, seq)[-1], atol=ATOL, rtol=RTOL)
+    model.load_state_dict(random_gpt(seed=1).state_dict(), assign=True)
+    torch.testing.assert_close(last_cached(model), before, atol=0, rtol=0)
+    model.to(torch.float64)
+    assert last_cached(model).dtype == torch.float64
+    torch.testing.assert_close(last_cached(model), full_logits(model, seq)[-1], atol=1e-10, rtol=1e-10)
+    model.to(torch.float32).to_inference_layout()
+    torch.testing.assert_close(last_cached(model), before, atol=ATOL, rtol=RTOL)
+
+
 # ---------------------------------------------------------------------------------------------
 # HuggingFace GPT-2 equivalence
 
