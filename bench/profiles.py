@@ -146,10 +146,17 @@ def gpt2_breakdown(ours, quick=False):
     out["bf16_top1_agree"] = float((l32.argmax(-1) == lbf.argmax(-1)).float().mean())
     out["bf16_mean_kl_nats"] = float((lp32.exp() * (lp32 - lpbf)).sum(-1).mean())
     del bf
-    for m in lins:  # stub the matrices: a preallocated output of the right shape
-        z = torch.zeros(1, 1, m.out_features)
-        m.forward = types.MethodType(lambda self, x, z=z: z[:x.shape[0]] if x.dim() == 3 else z[:x.shape[0], 0], m)
+    # stub the matrices: a preallocated output of the right shape, in the blocks' tensors the
+    # cached forward applies and in the output head (a module)
+    stub = lambda out_features: lambda x, z=torch.zeros(1, out_features): z[:x.shape[0]]  # noqa: E731
+    ours._block_tensors = [w._replace(**{name: stub(getattr(w, name).weight_t.shape[1])
+                                         for name in ("c_attn", "attn_proj", "c_fc", "mlp_proj")})
+                           for w in ours.block_tensors()]
+    z = torch.zeros(1, 1, ours.lm_head.out_features)
+    ours.lm_head.forward = types.MethodType(lambda self, x: z[:x.shape[0], 0], ours.lm_head)
     out["no_weights_step_ms"] = _median_step_ms(ours, n=n)
+    del ours.lm_head.forward
+    ours.forget_tensors()
     return out
 
 
