@@ -260,7 +260,7 @@ class Block(nn.Module):
 # Serving runs the blocks below rather than the modules above: the same computation, with each
 # block's tensors looked up once (GPT.block_tensors) instead of through nn.Module calls and
 # attribute lookups every step. Between the weight streams of a CPU decode step those cost more
-# than the arithmetic: a GPT-2 batch-1 step 20.7 -> 18.2 ms (BENCHMARKS.md). The equivalence
+# than the arithmetic: a GPT-2 batch-1 step 20.2 -> 18.1 ms (BENCHMARKS.md). The equivalence
 # tests (cached == uncached) hold the two paths together.
 
 
@@ -299,7 +299,7 @@ class BlockTensors(NamedTuple):
 def gelu(x, approximate: str):
     """F.gelu, without oneDNN: on CPU PyTorch hands exact-erf GELU of fp32 to oneDNN, whose
     per-call set-up makes it ~3x slower than ATen's own kernel at a decode step's few thousand
-    elements (9 vs 3 us hot; ~60 us a layer inside a GPT-2 step)."""
+    elements (9 vs 3 us hot; ~40 us a layer inside a GPT-2 decode step)."""
     onednn = torch._C._get_mkldnn_enabled()
     torch._C._set_mkldnn_enabled(False)
     try:
