@@ -299,7 +299,9 @@ class BlockTensors(NamedTuple):
 def gelu(x, approximate: str):
     """F.gelu, without oneDNN: on CPU PyTorch hands exact-erf GELU of fp32 to oneDNN, whose
     per-call set-up makes it ~3x slower than ATen's own kernel at a decode step's few thousand
-    elements (9 vs 3 us hot; ~40 us a layer inside a GPT-2 decode step)."""
+    elements (9 vs 3 us hot; ~40 us a layer inside a GPT-2 decode step). The switch is
+    process-wide for this one call: another thread's op in that moment takes ATen's kernel too,
+    which computes the same function."""
     onednn = torch._C._get_mkldnn_enabled()
     torch._C._set_mkldnn_enabled(False)
     try:
