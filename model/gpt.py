@@ -296,18 +296,25 @@ class BlockTensors(NamedTuple):
     mlp_proj: LinearTensors
 
 
+class without_onednn:
+    """oneDNN off while the block runs (process-wide: another thread's op in that moment takes
+    ATen's kernel too, which computes the same function). On CPU PyTorch hands exact-erf GELU and
+    its backward to oneDNN, whose per-call set-up dominates at decode sizes: GELU of 3,072 fp32
+    elements 8.9 us against ATen's 2.6 us hot, ~40 us a layer inside a GPT-2 decode step; the
+    backward 26 us a call in a PC settle step (BENCHMARKS.md)."""
+
+    def __enter__(self):
+        self.enabled = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+
+    def __exit__(self, *exc):
+        torch._C._set_mkldnn_enabled(self.enabled)
+
+
 def gelu(x, approximate: str):
-    """F.gelu, without oneDNN: on CPU PyTorch hands exact-erf GELU of fp32 to oneDNN, whose
-    per-call set-up makes it ~3x slower than ATen's own kernel at a decode step's few thousand
-    elements (9 vs 3 us hot; ~40 us a layer inside a GPT-2 decode step). The switch is
-    process-wide for this one call: another thread's op in that moment takes ATen's kernel too,
-    which computes the same function."""
-    onednn = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
+    """F.gelu on ATen's kernel (see without_onednn)."""
+    with without_onednn():
         return F.gelu(x, approximate=approximate)
-    finally:
-        torch._C._set_mkldnn_enabled(onednn)
 
 
 def cached_block(x, w: BlockTensors, layer: int, kv_cache: "KVCache", ctx: CacheContext, config: GPTConfig):

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.gpt import GPT, GPTConfig, gelu, LayerNorm, last_positions, slot_rows
+from model.gpt import GPT, GPTConfig, gelu, without_onednn, LayerNorm, last_positions, slot_rows
 
 
 @dataclass
@@ -164,7 +164,7 @@ class PCGPT(GPT):
         """Energy and its gradient at the feed-forward states, where every bottom-up error is zero
         by construction (z_l = f_l(z_{l−1})): only the generators enter, so the first settling
         step needs no pass through the blocks. Returns (E, e_up, e_down, grads)."""
-        with torch.enable_grad():
+        with torch.enable_grad(), without_onednn():  # GELU's backward on ATen's kernel
             leaves = [z.detach().requires_grad_(True) for z in zs]
             below = z0
             down = []
@@ -226,7 +226,7 @@ class PCGPT(GPT):
             return states, states, E, up, down
 
         max_steps = int(steps.max()) if steps.numel() else 0
-        with torch.enable_grad():
+        with torch.enable_grad(), without_onednn():  # GELU's backward on ATen's kernel
             if from_feedforward:
                 E, e_up, e_down, grads = self.feedforward_energy(z0, zs, kappa)
                 zs = [z.detach() for z in zs]
