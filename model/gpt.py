@@ -317,22 +317,33 @@ def gelu(x, approximate: str):
         return F.gelu(x, approximate=approximate)
 
 
+def block_qkv(x, w: BlockTensors, batch: int, seq: int, n_head: int):
+    """Queries, keys and values (B, H, S, D) of a block's rows x (B·S, C): ln_1, then c_attn."""
+    C = x.shape[1]
+    h = F.layer_norm(x, (C,), *w.ln_1, 1e-5)
+    return w.c_attn(h).view(batch, seq, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def block_after_attention(x, y, w: BlockTensors, approximate: str):
+    """The rest of a block for rows x (B·S, C) once attention gave y (B, H, S, D): the output
+    projection and the MLP, each added to the residual stream."""
+    B, H, S, D = y.shape
+    x = w.attn_proj(y.transpose(1, 2).reshape(B * S, H * D)) + x
+    h = F.layer_norm(x, (x.shape[1],), *w.ln_2, 1e-5)
+    return w.mlp_proj(gelu(w.c_fc(h), approximate)) + x
+
+
 def cached_block(x, w: BlockTensors, layer: int, kv_cache: "KVCache", ctx: CacheContext, config: GPTConfig):
     """Block.forward for rows x (B·S, C) of a cached forward: the new keys and values go into the
     cache, attention reads each row's history from it."""
-    B, S, H = ctx.batch, ctx.seq, config.n_head
-    C = x.shape[1]
-    h = F.layer_norm(x, (C,), *w.ln_1, 1e-5)
-    q, k, v = w.c_attn(h).view(B, S, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = block_qkv(x, w, ctx.batch, ctx.seq, config.n_head)
     kv_cache.write(layer, k, v, ctx)
     # only the window up to the furthest position in the batch takes part
     k_all, v_all = kv_cache.read(layer, ctx.rows, ctx.length)
     if k_all.dtype != q.dtype:
         k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
     y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=ctx.mask)
-    x = w.attn_proj(y.transpose(1, 2).reshape(B * S, C)) + x
-    h = F.layer_norm(x, (C,), *w.ln_2, 1e-5)
-    return w.mlp_proj(gelu(w.c_fc(h), config.gelu_approximate)) + x
+    return block_after_attention(x, y, w, config.gelu_approximate)
 
 
 def onednn_bf16_available() -> bool:
@@ -472,6 +483,10 @@ class GPT(nn.Module):
 
     def forget_tensors(self, *_):
         self._block_tensors = None
+
+    def __getstate__(self):
+        # a copy (deepcopy, pickle) gets Parameters of its own: views of these would be stale there
+        return {**super().__getstate__(), "_block_tensors": None}
 
     def _apply(self, fn, *args, **kwargs):
         self.forget_tensors()

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.gpt import GPT, GPTConfig, gelu, without_onednn, LayerNorm, last_positions, slot_rows
+from model.gpt import GPT, BlockTensors, GPTConfig, block_after_attention, block_qkv, gelu, without_onednn, LayerNorm, last_positions, slot_rows
 
 
 @dataclass
@@ -83,23 +83,19 @@ class OwnKeyMask:
         return cls(None if bool(mask.all()) else mask)
 
 
-def attend_with_past(attn, x, k_past, v_past, past_mask):
-    """Self-attention of settling positions x (B, S, C): each query attends to the amortised
-    keys/values of earlier positions (k_past, v_past: (B, H, Lk, D), visible where past_mask
-    (B, 1, S, Lk) is True) and to its own key/value recomputed from x. past_mask may be an
-    OwnKeyMask: the same attention as one fused call."""
-    q, k, v = attn.qkv(x)
-    B, H, S, D = q.shape
+def attention_with_past(q, k, v, k_past, v_past, past_mask):
+    """Self-attention (B, H, S, D) of settling positions' queries, keys and values (B, H, S, D):
+    each query attends to the amortised keys/values of earlier positions (k_past, v_past:
+    (B, H, Lk, D), visible where past_mask (B, 1, S, Lk) is True) and to its own key/value.
+    past_mask may be an OwnKeyMask: the same attention as one fused call."""
     if isinstance(past_mask, OwnKeyMask):
-        y = F.scaled_dot_product_attention(q, torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2),
-                                           attn_mask=past_mask.mask)
-        return attn.c_proj(y.transpose(1, 2).reshape(B, S, H * D))
+        return F.scaled_dot_product_attention(q, torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2),
+                                              attn_mask=past_mask.mask)
     scale = 1.0 / math.sqrt(q.shape[-1])
     s_past = (q @ k_past.transpose(-2, -1) * scale).masked_fill(~past_mask, float("-inf"))
     s_self = (q * k).sum(-1, keepdim=True) * scale
     w = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1)
-    y = w[..., :-1] @ v_past + w[..., -1:] * v
-    return attn.c_proj(y.transpose(1, 2).reshape(B, S, H * D))
+    return w[..., :-1] @ v_past + w[..., -1:] * v
 
 
 def sq_norms(errors):
@@ -108,10 +104,14 @@ def sq_norms(errors):
     return torch.stack(errors, dim=-2).square().sum(-1)
 
 
-def block_with_past(block, x, k_past, v_past, past_mask):
-    """f_l for settling positions: the baseline block with attend_with_past."""
-    x = x + attend_with_past(block.attn, block.ln_1(x), k_past, v_past, past_mask)
-    return x + block.mlp(block.ln_2(x))
+def block_with_past(w: BlockTensors, x, k_past, v_past, past_mask, config: GPTConfig):
+    """f_l for settling positions x (B, S, C), on block l's tensors: the baseline block with
+    attention_with_past."""
+    B, S, C = x.shape
+    rows = x.reshape(B * S, C)
+    q, k, v = block_qkv(rows, w, B, S, config.n_head)
+    y = attention_with_past(q, k, v, k_past, v_past, past_mask)
+    return block_after_attention(rows, y, w, config.gelu_approximate).view(B, S, C)
 
 
 class PCGPT(GPT):
@@ -141,15 +141,25 @@ class PCGPT(GPT):
 
     # --- energy and settling ------------------------------------------------------------------
 
-    def energy(self, z0, zs, pasts, past_mask, kappa, targets=None):
+    def energy_blocks(self) -> list[BlockTensors]:
+        """Each block's tensors for the energy: the inference set, looked up once, when no block
+        weight takes a gradient (serving); else taken afresh from the modules, so gradients reach
+        the weights (training)."""
+        if any(p.requires_grad for p in self.transformer.h.parameters()):
+            return [block.tensors() for block in self.transformer.h]
+        return self.block_tensors()
+
+    def energy(self, z0, zs, pasts, past_mask, kappa, targets=None, blocks=None):
         """Energy per position (B, S) and the errors: z0 clamped, zs = [z_1..z_L] (B, S, C);
-        pasts[l] = (k, v) that layer l's attention reads for earlier positions. With targets
-        (B, S) the output is clamped too: the CE of the readout joins the energy (local learning)."""
+        pasts[l] = (k, v) that layer l's attention reads for earlier positions; blocks the blocks'
+        tensors (energy_blocks() when not given). With targets (B, S) the output is clamped too:
+        the CE of the readout joins the energy (local learning)."""
+        blocks = blocks or self.energy_blocks()
         up, down = [], []
         below = z0
-        for l, (block, gen) in enumerate(zip(self.transformer.h, self.generators)):
+        for l, (w, gen) in enumerate(zip(blocks, self.generators)):
             k_past, v_past = pasts[l]
-            up.append(zs[l] - block_with_past(block, below, k_past, v_past, past_mask))
+            up.append(zs[l] - block_with_past(w, below, k_past, v_past, past_mask, self.config))
             down.append(below - gen(zs[l]))
             below = zs[l]
         e_up = sq_norms(up)  # (B, S, L)
@@ -200,6 +210,7 @@ class PCGPT(GPT):
         if not create_graph:  # attention as one fused call (see OwnKeyMask)
             past_mask = OwnKeyMask.from_past(past_mask, z0.shape[0])
         kappa = self.kappa() if kappa is None else kappa
+        blocks = self.energy_blocks()
         inv_D = (1.0 / self.preconditioner(kappa.detach())).tolist()  # κ only scales z's step: no gradient
         B, S, _ = z0.shape
         step_size = torch.full((B, S), float(alpha), device=z0.device, dtype=z0.dtype)
@@ -215,14 +226,15 @@ class PCGPT(GPT):
             # through the other states or the amortised K/V.
             if create_graph:
                 handles = [torch.zeros_like(z, requires_grad=True) for z in states]
-                E, up, down = self.energy(z0, [z + h for z, h in zip(states, handles)], pasts, past_mask, kappa, targets)
+                E, up, down = self.energy(z0, [z + h for z, h in zip(states, handles)], pasts, past_mask, kappa, targets,
+                                          blocks)
                 return states, handles, E, up, down
             if not need_grad:  # the last step only needs the energy, to accept or reject
                 with torch.no_grad():
                     states = [z.detach() for z in states]
-                    return (states, None, *self.energy(z0, states, pasts, past_mask, kappa, targets))
+                    return (states, None, *self.energy(z0, states, pasts, past_mask, kappa, targets, blocks))
             states = [z.detach().requires_grad_(True) for z in states]
-            E, up, down = self.energy(z0, states, pasts, past_mask, kappa, targets)
+            E, up, down = self.energy(z0, states, pasts, past_mask, kappa, targets, blocks)
             return states, states, E, up, down
 
         max_steps = int(steps.max()) if steps.numel() else 0
@@ -442,10 +454,10 @@ class PCGPT(GPT):
         kappa = self.kappa()
         d = self.config.n_embd
         total = 0.0
-        for l, (block, gen) in enumerate(zip(self.transformer.h, self.generators)):
+        for l, (w, gen) in enumerate(zip(self.energy_blocks(), self.generators)):
             below, here = states[l].detach(), states[l + 1].detach()
             k_past, v_past = pasts[l]
-            e_up = here - block_with_past(block, below, k_past.detach(), v_past.detach(), mask)
+            e_up = here - block_with_past(w, below, k_past.detach(), v_past.detach(), mask, self.config)
             e_down = below - gen(here)
             total = total + 0.5 * (e_up * e_up).sum(-1).mean() / d
             total = total + (0.5 * kappa[l] * (e_down * e_down).sum(-1).mean() - 0.5 * d * torch.log(kappa[l])) / d

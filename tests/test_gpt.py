@@ -183,7 +183,7 @@ def test_inference_layout_changes_memory_order_only(tmp_path):
 def test_cached_forward_follows_the_parameters_wherever_they_move():
     """The cached forward looks each block's tensors up once; whatever replaces or moves the
     parameters afterwards (load_state_dict in place or with assign, .to(dtype), the inference
-    layout) must show in its logits, as it does in the uncached forward."""
+    layout, a deepcopy) must show in its logits, as it does in the uncached forward."""
     seq = [5, 1, 7, 2, 9, 4]
 
     def last_cached(m):
@@ -200,6 +200,11 @@ def test_cached_forward_follows_the_parameters_wherever_they_move():
     assert last_cached(model).dtype == torch.float64
     torch.testing.assert_close(last_cached(model), full_logits(model, seq)[-1], atol=1e-10, rtol=1e-10)
     model.to(torch.float32).to_inference_layout()
+    torch.testing.assert_close(last_cached(model), before, atol=ATOL, rtol=RTOL)
+    copied = copy.deepcopy(model)  # a copy has Parameters of its own: the looked-up tensors must be its
+    for p in copied.parameters():
+        p.mul_(0.9)
+    torch.testing.assert_close(last_cached(copied), full_logits(copied, seq)[-1], atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(last_cached(model), before, atol=ATOL, rtol=RTOL)
 
 

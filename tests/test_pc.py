@@ -5,6 +5,7 @@ generators whose output projections are non-zero (a fresh generator predicts z_{
 that settling really moves the states. Everything runs in fp32 unless a test says otherwise.
 """
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint
 from model.gpt import GPT, preset_config
-from model.pc import PCGPT, OwnKeyMask, attend_with_past, block_with_past
+from model.pc import PCGPT, OwnKeyMask, attention_with_past, block_with_past
 from model.train import TrainConfig, train
 
 VOCAB = 97  # the tiny preset's
@@ -267,7 +268,7 @@ def test_unrolled_settling_in_training_equals_inference_settling():
 
 @pytest.mark.parametrize("positions", [[5, 5], [2, 6]], ids=["level-rows", "ragged-rows"])
 def test_fused_attention_with_own_key_equals_the_explicit_path(positions):
-    """attend_with_past through OwnKeyMask (one SDPA call, what inference settling runs) equals
+    """attention_with_past through OwnKeyMask (one SDPA call, what inference settling runs) equals
     the explicit scores-softmax path (what unrolled training differentiates twice), values and
     gradients w.r.t. the settling states, for cached queries at the same or different positions."""
     _, pc = make_models()
@@ -279,15 +280,39 @@ def test_fused_attention_with_own_key_equals_the_explicit_path(positions):
     v_past = torch.randn(B, H, Lk, C // H, generator=g)
     past_mask = torch.arange(Lk)[None, None, None, :] < torch.tensor(positions)[:, None, None, None]
     x = torch.randn(B, 1, C, generator=g, requires_grad=True)
-    explicit = attend_with_past(attn, x, k_past, v_past, past_mask)
+    explicit = attention_with_past(*attn.qkv(x), k_past, v_past, past_mask)
     fused_mask = OwnKeyMask.from_past(past_mask, B)
     assert (fused_mask.mask is None) == (positions[0] == positions[1])  # nothing to mask when level
-    fused = attend_with_past(attn, x, k_past, v_past, fused_mask)
+    fused = attention_with_past(*attn.qkv(x), k_past, v_past, fused_mask)
     torch.testing.assert_close(fused, explicit, atol=1e-6, rtol=1e-5)
     w = torch.randn(explicit.shape, generator=g)
     (grad_explicit,) = torch.autograd.grad((explicit * w).sum(), x)
     (grad_fused,) = torch.autograd.grad((fused * w).sum(), x)
     torch.testing.assert_close(grad_fused, grad_explicit, atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_served_settling_on_looked_up_tensors_equals_settling_through_trainable_weights():
+    """A served model's weights take no gradient, so settling reads each block's tensors looked up
+    once (energy_blocks); a trainable model's are taken afresh every settle so gradients reach
+    them. Both must settle to the same logits and stats, before and after the weights change."""
+    _, pc = make_models(seed=5)
+    idx = tokens(2, 9, seed=6)
+    pos = torch.arange(9)[None].expand(2, 9)
+
+    def settled(model):
+        out, stats = model.forward_cached(idx, pos, model.new_cache(2), torch.tensor([1, 0]), settle_steps=3)
+        return out, stats["energy"]
+
+    assert any(p.requires_grad for p in pc.transformer.h.parameters())
+    trainable = settled(pc)
+    served = copy.deepcopy(pc).requires_grad_(False)
+    torch.testing.assert_close(settled(served), trainable, atol=0, rtol=0)
+    for model in (pc, served):  # the same update to both, in place, after the lookup
+        for p in model.transformer.h.parameters():
+            p.mul_(1.1)
+    torch.testing.assert_close(settled(served), settled(pc), atol=0, rtol=0)
+    assert not torch.equal(settled(pc)[0], trainable[0])
 
 
 # --- cached settling, causality, batching ------------------------------------------------------------
@@ -411,7 +436,7 @@ def test_each_local_rule_is_the_gradient_of_its_own_energy_term():
     own_up, own_down, own_rho = [], [], []
     for l in range(L):
         block, gen = pc.transformer.h[l], pc.generators[l]
-        e_up = states[l + 1] - block_with_past(block, states[l], *pasts[l], mask)
+        e_up = states[l + 1] - block_with_past(block.tensors(), states[l], *pasts[l], mask, pc.config)
         e_down = states[l] - gen(states[l + 1])
         sq_down = (e_down * e_down).sum(-1).mean()
         own_up.append(0.5 * (e_up * e_up).sum(-1).mean() / d)
