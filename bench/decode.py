@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from app.engine import MAX_PREFILL_TOKENS
 from bench.common import median, set_threads
+from bench.roofline import MainMemoryProbe
 from model.generate import decode, prefill_batch
 from model.sampling import BatchSampling, SamplingParams, sample_from_logits
 
@@ -102,8 +103,10 @@ def summarise(stamps, B):
             "ms_per_step": 1000 * (stamps[-1] - stamps[1]) / max(n - 1, 1)}
 
 
-def bench_model(name, ours, hf, vocab, plan, prompt_len, repeats, seed=0, bar=None):
-    """plan: list of (batch, new tokens, methods that run for it, repeats override or None)."""
+def bench_model(name, ours, hf, vocab, plan, prompt_len, repeats, seed=0, bar=None, probe=None):
+    """plan: list of (batch, new tokens, methods that run for it, repeats override or None).
+    probe: at batch 1, called after each repeat's methods (the main-memory read rate in GB/s, so
+    the bandwidth bound is measured between the decode runs it bounds)."""
     rows = []
     for B, n_new, methods, reps in plan:
         g = torch.Generator().manual_seed(seed + B)
@@ -113,6 +116,7 @@ def bench_model(name, ours, hf, vocab, plan, prompt_len, repeats, seed=0, bar=No
             RUNNERS[m](models[m], prompts[:, :4], 2, vocab)
         runs = {m: [] for m in methods}
         tokens = {}
+        reads = []
         for r in range(reps or repeats):
             for m in methods:
                 toks, stamps = RUNNERS[m](models[m], prompts, n_new, vocab)
@@ -121,7 +125,11 @@ def bench_model(name, ours, hf, vocab, plan, prompt_len, repeats, seed=0, bar=No
                 if bar is not None:
                     bar.set_postfix_str(f"{name} B={B} {m}")
                     bar.update(1)
+            if probe is not None and B == 1 and "ours" in methods:
+                reads.append(probe())
         row = {"model": name, "batch": B, "prompt_len": prompt_len, "new_tokens": n_new, "repeats": reps or repeats}
+        if reads:
+            row["read_GBps_all"] = reads
         for m in methods:
             for k in ("prefill_s", "decode_tok_s", "e2e_tok_s", "ms_per_step"):
                 row[f"{m}_{k}"] = median([x[k] for x in runs[m]])
@@ -186,7 +194,8 @@ def run(quick=False, prompt_len=16):
             ours, hf, tok = build()
             vocab = tok.vocab_size
             result["logit_check"][name] = check_logits(ours, hf, vocab)
-            rows = bench_model(name, ours, hf, vocab, p[name], prompt_len, repeats=3, bar=bar)
+            probe = MainMemoryProbe(256 if quick else 1024) if name == "gpt2" else None
+            rows = bench_model(name, ours, hf, vocab, p[name], prompt_len, repeats=3, bar=bar, probe=probe)
             result["rows"] += merge(rows)
-            del ours, hf
+            del ours, hf, probe
     return result

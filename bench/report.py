@@ -217,8 +217,14 @@ def md_targets(dec, pc, http, roof):
             rows.append(["GPT-2 batch-1 decode ≥ HF generate", f"ours/HF = {_x(v)}", "met" if v >= 1 else "missed"])
     if roof and "gpt2_b1_ours_fraction_of_bound" in roof:
         v = roof["gpt2_b1_ours_fraction_of_bound"]
-        rows.append(["GPT-2 batch-1 decode within 80% of the bandwidth bound",
-                     f"ours/bound = {v:.0%}", "met" if v >= 0.8 else "missed"])
+        shown = f"ours/bound = {v:.0%}"
+        if "gpt2_b1_ours_fraction_of_interleaved_bound" in roof:  # the bound re-measured between the repeats
+            v = roof["gpt2_b1_ours_fraction_of_interleaved_bound"]
+            shown = (f"ours/bound = {v:.0%} (median of {len(roof['gpt2_b1_ours_fraction_of_interleaved_bound_all'])} "
+                     "repeats, each against the read rate measured right after it: "
+                     + ", ".join(f"{x:.0%}" for x in roof["gpt2_b1_ours_fraction_of_interleaved_bound_all"])
+                     + f"); against the roofline section's bound {roof['gpt2_b1_ours_fraction_of_bound']:.0%}")
+        rows.append(["GPT-2 batch-1 decode within 80% of the bandwidth bound", shown, "met" if v >= 0.8 else "missed"])
         if "gpt2_bf16_b1_ours_fraction_of_bound" in roof:
             rows.append(["(the same in bf16: `--dtype bfloat16`, half the bytes, its own bound)",
                          f"ours/bf16 bound = {roof['gpt2_bf16_b1_ours_fraction_of_bound']:.0%}; "
@@ -416,7 +422,14 @@ def md_roofline(d):
             rows.append([f"{LABELS[m]}: batch-1 decode", f"{d[f'gpt2_b1_{m}_tok_s']:.1f} tok/s = "
                          f"**{d[f'gpt2_b1_{m}_fraction_of_bound']:.0%} of the bound**, "
                          f"{d[f'gpt2_b1_{m}_tok_s'] / d['weights_only_pass_tok_s']:.0%} of the weights-only pass "
-                         f"({d[f'gpt2_b1_{m}_achieved_GBps']:.1f} GB/s of weights)"])
+                         f"({d[f'gpt2_b1_{m}_achieved_GBps']:.1f} GB/s of weights)"
+                         + (f"; against the bound re-measured after each repeat (median): "
+                            f"{d[f'gpt2_b1_{m}_fraction_of_interleaved_bound']:.0%}"
+                            if f"gpt2_b1_{m}_fraction_of_interleaved_bound" in d else "")])
+    if "interleaved_read_GBps_all" in d:
+        reads = d["interleaved_read_GBps_all"]
+        rows.append(["the bound's read rate re-measured after each batch-1 decode repeat (section 1)",
+                     ", ".join(f"{x:.1f}" for x in reads) + f" GB/s (this section: {d['bound_read_GBps']:.1f})"])
     if "gpt2_bf16_b1_bound_tok_s" in d:  # the same limit for `--dtype bfloat16`: half the bytes
         rows.append(["bf16 weights: bytes per batch-1 token / bandwidth bound",
                      f"{d['gpt2_bf16_weight_bytes_per_token'] / 1e6:.1f} MB / {d['gpt2_bf16_b1_bound_tok_s']:.1f} tok/s"])
