@@ -167,12 +167,18 @@ class CacheContext:
 
     slots: torch.Tensor  # (B,) the cache row of each batch row
     input_pos: torch.Tensor  # (B, S) the position of each new token
-    batch: int  # B rows
-    seq: int  # S new positions per row
     length: int  # keys read: positions [0, length), the furthest row's
     mask: torch.Tensor | None  # (B, 1, S, length) or None when every query sees every key read
     rows: object  # slot_rows(slots)
     positions: slice | None = None  # the positions every row writes, when they are the same range
+
+    @property
+    def batch(self) -> int:
+        return self.input_pos.shape[0]
+
+    @property
+    def seq(self) -> int:
+        return self.input_pos.shape[1]
 
     @classmethod
     def build(cls, slots: torch.Tensor, input_pos: torch.Tensor) -> "CacheContext":
@@ -186,7 +192,7 @@ class CacheContext:
             S = input_pos.shape[1]
             if length == S and bool((input_pos == torch.arange(S, device=input_pos.device)).all()):
                 positions = slice(0, S)  # prompts from position 0 (prefill)
-        return cls(slots, input_pos, input_pos.shape[0], input_pos.shape[1], length, mask, slot_rows(slots), positions)
+        return cls(slots, input_pos, length, mask, slot_rows(slots), positions)
 
 
 class CausalSelfAttention(nn.Module):
@@ -208,15 +214,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
-    def attend(self, q, k, v, mask=None, causal=True):
-        """Attention output projected back to the residual stream; mask None means causal, or
-        no mask at all with causal=False."""
+    def attend(self, q, k, v):
+        """Causal attention output projected back to the residual stream."""
         B, H, S, D = q.shape
         dropout = self.attn_dropout if self.training else 0.0
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, S, H * D)
         return apply_dropout(self.resid_dropout, self.c_proj(y))
 
