@@ -4,7 +4,8 @@ bound they imply for the GPT-2 124M shape (weight bytes per token / bandwidth).
 Bandwidth: torch sum (bytes read per second) and a batch-1 matrix-vector product (bytes of
 weight read per second: what a batch-1 decode step does) at working sets of 64 MiB to 1 GiB (the
 VM reports a 480 MiB L3, but past ~256 MiB the rate is flat: main memory), plus numpy and torch
-copies at 1 GiB (bytes read + written). The bound uses the fastest main-memory read rate.
+copies at 1 GiB (bytes read + written). The bound uses the fastest main-memory read rate, read
+from huge pages like the served weights (model/hugepages.py).
 A "weights-only pass" applies every GPT-2 weight matrix once to one vector and does nothing
 else: the decode step with all non-weight work taken out, the kernel-level ceiling.
 """
@@ -16,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from bench.common import median, set_threads
+from model.hugepages import empty_on_huge_pages
 
 MiB = 1 << 20
 
@@ -51,8 +53,8 @@ class MainMemoryProbe:
     a decode in another can be minutes and several GB/s apart."""
 
     def __init__(self, mib: int = 1024):
-        self.buffer = torch.ones(mib * MiB // 4)
-        self()  # first touch
+        self.buffer = empty_on_huge_pages((mib * MiB // 4,)).fill_(1)
+        self()
 
     def __call__(self, reps: int = 3) -> float:
         """The fastest of the three read rates (GB/s), as the bound takes it."""
@@ -61,10 +63,12 @@ class MainMemoryProbe:
 
 def bandwidth(sizes_mib=(64, 256, 1024), reps=7, bar=None):
     """Read bandwidth (torch sum, batch-1 GEMV) at each working-set size, copy bandwidth at the
-    largest. Past a few hundred MiB the rate is flat: that plateau is main memory."""
+    largest. Past a few hundred MiB the rate is flat: that plateau is main memory. The torch
+    buffers sit on huge pages where Linux offers them, as the served weights do (a 4 KiB-page
+    buffer reads ~4% slower here, and a bound measured on one would flatter the decode)."""
     out = {"sizes_mib": list(sizes_mib), "sum_read_GBps": [], "gemv_read_GBps": [], "gemv_t_read_GBps": []}
     for mib in sizes_mib:
-        a = torch.ones(mib * MiB // 4)
+        a = empty_on_huge_pages((mib * MiB // 4,)).fill_(1)
         for key, rate in zip(("sum_read_GBps", "gemv_read_GBps", "gemv_t_read_GBps"), read_rates(a, reps)):
             out[key].append(rate)
         del a
@@ -76,8 +80,8 @@ def bandwidth(sizes_mib=(64, 256, 1024), reps=7, bar=None):
     med, _ = _best_of(lambda: np.copyto(b_np, a_np), reps)
     out["numpy_copy_GBps"] = 2 * a_np.nbytes / med / 1e9
     del a_np, b_np
-    a = torch.ones(n)
-    b = torch.empty_like(a)
+    a = empty_on_huge_pages((n,)).fill_(1)
+    b = empty_on_huge_pages((n,))
     b.copy_(a)
     med, _ = _best_of(lambda: b.copy_(a), reps)
     out["torch_copy_GBps"] = 2 * a.nbytes / med / 1e9
@@ -92,7 +96,7 @@ def bandwidth(sizes_mib=(64, 256, 1024), reps=7, bar=None):
 def weights_only_pass(reps=15, served_layout=True, dtype=torch.float32):
     """Every weight matrix of the GPT-2 124M shape (fresh random tensors, real shapes) applied
     once to one vector, nothing else: the decode step with all non-weight work removed. With
-    served_layout the matrices are laid out as `pcgpt serve` keeps them on CPU ([in, out] in fp32,
+    served_layout the matrices are laid out as `pcgpt serve` keeps them on CPU ([in, out] on huge pages in fp32,
     prepacked for oneDNN in bf16 where the CPU has native bf16), else in nn.Linear's [out, in]."""
     from model.gpt import GPT, preset_config
     torch.manual_seed(0)

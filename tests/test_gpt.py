@@ -11,6 +11,7 @@ import torch.nn as nn
 from model.checkpoint import load_checkpoint
 from model.generate import decode, generate, prefill, prefill_batch
 from model.gpt import GPT, PRESETS, KVCache, PrepackedLinear, onednn_bf16_available, preset_config
+from model.hugepages import HUGE_PAGE, huge_pages_available
 from model.sampling import SamplingParams
 
 ATOL = 1e-5
@@ -177,6 +178,47 @@ def test_inference_layout_changes_memory_order_only(tmp_path):
     save_pcgpt(tmp_path / "ckpt", served, tokenizer)
     loaded, _, _ = load_checkpoint(tmp_path / "ckpt")
     assert torch.equal(loaded(torch.tensor([seq])), model(torch.tensor([seq])))
+
+
+def mapping_flags(tensor) -> set[str]:
+    """The VmFlags /proc/self/smaps gives the mapping that holds tensor's first byte."""
+    address, inside = tensor.data_ptr(), False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not huge_pages_available(), reason="needs Linux with transparent huge pages on request")
+@torch.no_grad()
+def test_served_weights_and_kv_cache_sit_on_memory_advised_for_huge_pages():
+    """A decode step streams every weight and each row's cached keys and values: serving keeps
+    them in memory advised for transparent huge pages (MADV_HUGEPAGE, "hg" in smaps), starting on
+    a 2 MiB boundary, with every value unchanged. Matrices of at least 2 MiB take it (this model's
+    c_attn, c_fc and lm_head); smaller ones stay where torch puts them."""
+    torch.manual_seed(3)
+    config = preset_config("tiny", n_layer=1, n_head=4, n_embd=512, vocab_size=1100, block_size=64)
+    model = GPT(config).eval()
+    served = copy.deepcopy(model).to_inference_layout()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(served.state_dict()[name], tensor), name
+    block = served.transformer.h[0]
+    for weight in (block.attn.c_attn.weight, block.mlp.c_fc.weight, served.lm_head.weight):
+        assert weight.nbytes >= HUGE_PAGE and weight.data_ptr() % HUGE_PAGE == 0
+        assert "hg" in mapping_flags(weight)
+    assert served.lm_head.weight is served.transformer.wte.weight
+    small = block.attn.c_proj.weight  # 1 MiB
+    assert "hg" not in mapping_flags(small)
+
+    cache = served.new_cache(32, 64)  # 128 KiB of keys a slot, 4 MiB in all
+    assert "hg" in mapping_flags(cache.k) and "hg" in mapping_flags(cache.v) and not cache.k.any()
+    seq = [5, 1, 7, 2, 9, 4]
+    logits, _ = served.forward_cached(torch.tensor([seq]), torch.arange(6)[None], cache, torch.tensor([2]))
+    torch.testing.assert_close(logits[0], full_logits(model, seq)[-1], atol=ATOL, rtol=RTOL)
 
 
 @torch.no_grad()
