@@ -4,8 +4,9 @@ A batch-1 GPT-2 step reads ~495 MB of weights; on 4 KiB pages that is ~120,000 p
 a TLB entry to find (the TLB holds a few thousand). On 2 MiB pages it is ~240. Linux backs an
 anonymous mapping with huge pages where it is advised to (MADV_HUGEPAGE) before it is touched;
 the usual system setting ("madvise") gives them to nobody else. PyTorch's own switch
-(THP_MEM_ALLOC_ENABLE) must be set before torch is imported and applies to every allocation;
-this applies to the tensors that ask for it.
+(THP_MEM_ALLOC_ENABLE) is read once, at its first allocation (in practice before `import torch`
+returns), and then applies to every allocation of 2 MiB or more; this applies to the tensors that
+ask for it, wherever the model is loaded (BENCHMARKS.md: a GPT-2 step ~4% faster).
 """
 
 import math
