@@ -96,8 +96,9 @@ def bandwidth(sizes_mib=(64, 256, 1024), reps=7, bar=None):
 def weights_only_pass(reps=15, served_layout=True, dtype=torch.float32):
     """Every weight matrix of the GPT-2 124M shape (fresh random tensors, real shapes) applied
     once to one vector, nothing else: the decode step with all non-weight work removed. With
-    served_layout the matrices are laid out as `pcgpt serve` keeps them on CPU ([in, out] on huge pages in fp32,
-    prepacked for oneDNN in bf16 where the CPU has native bf16), else in nn.Linear's [out, in]."""
+    served_layout the matrices are laid out as `pcgpt serve` keeps them on CPU ([in, out] on huge
+    pages in fp32, prepacked for oneDNN in bf16 where the CPU has native bf16), else in nn.Linear's
+    [out, in]."""
     from model.gpt import GPT, preset_config
     torch.manual_seed(0)
     model = GPT(preset_config("gpt2")).eval().requires_grad_(False).to(dtype)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.hugepages import empty_on_huge_pages, zeros_on_huge_pages
+from model.hugepages import empty_on_huge_pages
 
 
 @dataclass
@@ -103,7 +103,8 @@ class KVCache:
         shape = (config.n_layer, n_slots, config.n_head, self.max_len, config.head_dim)
         if torch.device(device or "cpu").type == "cpu":
             # every decode step reads each row's keys and values: on huge pages, as the weights are
-            self.k, self.v = zeros_on_huge_pages(shape, dtype), zeros_on_huge_pages(shape, dtype)
+            self.k = empty_on_huge_pages(shape, dtype).zero_()
+            self.v = empty_on_huge_pages(shape, dtype).zero_()
         else:
             self.k = torch.zeros(shape, device=device, dtype=dtype)
             self.v = torch.zeros(shape, device=device, dtype=dtype)

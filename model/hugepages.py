@@ -9,6 +9,7 @@ returns), and then applies to every allocation of 2 MiB or more; this applies to
 ask for it, wherever the model is loaded (BENCHMARKS.md: a GPT-2 step ~4% faster).
 """
 
+import functools
 import math
 import mmap
 import sys
@@ -20,6 +21,7 @@ HUGE_PAGE = 2 << 20
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
+@functools.cache
 def huge_pages_available() -> bool:
     """Linux with transparent huge pages given on request ("always" or "madvise")."""
     if not (sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")):
@@ -34,18 +36,15 @@ def empty_on_huge_pages(shape, dtype=torch.float32) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor starting on a 2 MiB boundary of memory advised for
     huge pages; a plain torch.empty where that is not available or the tensor is smaller than
     one huge page. The memory is freed with the tensor."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_PAGE or not huge_pages_available():
         return torch.empty(shape, dtype=dtype)
-    # private: a shared anonymous mapping is shmem, which huge pages reach only by another switch
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # + 1 to align
+    # private (a shared anonymous mapping is shmem, which huge pages reach only by another switch),
+    # and one huge page longer than the tensor, so that the tensor can start on a boundary
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive as long as it lives
     start = -raw.data_ptr() % HUGE_PAGE
     # advised before the first touch (pages are chosen when first written), and only the whole huge
     # pages inside the tensor: a huge page over its tail would hold up to 2 MiB of nothing
     region.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
     return raw[start:start + nbytes].view(dtype).view(shape)
-
-
-def zeros_on_huge_pages(shape, dtype=torch.float32) -> torch.Tensor:
-    return empty_on_huge_pages(shape, dtype).zero_()
