@@ -29,18 +29,13 @@ RUN python -m venv /opt/venv
 RUN pip install torch==${TORCH_VERSION} --index-url ${TORCH_INDEX}
 
 WORKDIR /app
-# only what serving needs: the package sources and the shipped checkpoints (no tests, data, bench)
+# only what serving needs: the package, with its shipped checkpoints (no tests, data, bench)
 COPY pyproject.toml README.md ./
-COPY app ./app
-COPY model ./model
+COPY pcgpt ./pcgpt
 RUN pip install .
-COPY checkpoints ./checkpoints
 
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin pcgpt
 USER 10001
-
-# the installed package lives in the venv, so name the shipped checkpoints explicitly
-ENV PCGPT_MODEL=shakespeare-char=/app/checkpoints/shakespeare-char,shakespeare-char-pc=/app/checkpoints/shakespeare-char-pc
 
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \

@@ -14,8 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-CHAR_CKPT = ROOT / "checkpoints" / "shakespeare-char"
-CHAR_PC_CKPT = ROOT / "checkpoints" / "shakespeare-char-pc"
+CHAR_CKPT = ROOT / "pcgpt" / "checkpoints" / "shakespeare-char"
+CHAR_PC_CKPT = ROOT / "pcgpt" / "checkpoints" / "shakespeare-char-pc"
 
 # one thread count for every in-process comparison (ours, HF, nanoGPT's way); override with
 # PCGPT_BENCH_THREADS. The default is every core the machine has.

@@ -20,11 +20,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from app.engine import MAX_PREFILL_TOKENS
+from pcgpt.serve.engine import MAX_PREFILL_TOKENS
 from bench.common import median, set_threads
 from bench.roofline import MainMemoryProbe
-from model.generate import decode, prefill_batch
-from model.sampling import BatchSampling, SamplingParams, sample_from_logits
+from pcgpt.model.generate import decode, prefill_batch
+from pcgpt.model.sampling import BatchSampling, SamplingParams, sample_from_logits
 
 METHODS = ("ours", "hf", "nanogpt")
 

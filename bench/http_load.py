@@ -150,8 +150,8 @@ def _record(t0, stamps, counts, tokens):
 
 
 async def engine_level(engine, tokenizer, n_clients, per_client, time_cap):
-    from app.engine import DoneEvent, ErrorEvent, Request, TokenEvent
-    from model.sampling import SamplingParams
+    from pcgpt.serve.engine import DoneEvent, ErrorEvent, Request, TokenEvent
+    from pcgpt.model.sampling import SamplingParams
     encoded = [tokenizer.encode(p) for p in PROMPTS]
 
     async def one(c, i):
@@ -188,9 +188,9 @@ def run(quick=False, threads=1, tokens_per_level=8000, time_cap=40.0):
     load generator, which runs on the same machine)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from serving import Server
-    from app.engine import Engine
-    from app.metrics import Metrics
-    from model.checkpoint import load_for_inference
+    from pcgpt.serve.engine import Engine
+    from pcgpt.serve.metrics import Metrics
+    from pcgpt.model.checkpoint import load_for_inference
 
     levels = (1, 4, 16) if quick else CONCURRENCY
     if quick:

@@ -24,7 +24,7 @@ BATCHES = (1, 8, 64)
 
 def formula_table():
     """KVCache.nbytes (the allocated tensors) against the formula, on the meta device (no memory)."""
-    from model.gpt import KVCache, preset_config
+    from pcgpt.model.gpt import KVCache, preset_config
     rows = []
     for preset in ("gpt2", "char-small"):
         c = preset_config(preset)
@@ -50,8 +50,8 @@ def _sampler(samples, stop, period=0.02):
 
 def long_run(model, tokenizer, n_requests, max_tokens, batch, prompt="ROMEO:\nWhat light"):
     """The real engine, n_requests streaming at once (up to `batch` running), each to max_tokens."""
-    from app.engine import DoneEvent, Engine, Request
-    from model.sampling import SamplingParams
+    from pcgpt.serve.engine import DoneEvent, Engine, Request
+    from pcgpt.model.sampling import SamplingParams
     engine = Engine("mem", model, tokenizer, metrics=None, max_batch_size=batch, max_queue=n_requests)
     engine.start()
     ids = tokenizer.encode(prompt)
@@ -88,7 +88,7 @@ def touched_cache_growth(model, slots, length):
 
 
 def child(gpt2_dir):
-    from model.checkpoint import load_for_inference
+    from pcgpt.model.checkpoint import load_for_inference
     torch.set_grad_enabled(False)
     out = {"rss_after_import_torch": rss_bytes()}
     samples, stop = [], threading.Event()

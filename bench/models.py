@@ -6,7 +6,7 @@ import tempfile
 import torch
 
 from bench.common import CHAR_CKPT
-from model.checkpoint import HF_TRANSPOSED, load_for_inference
+from pcgpt.model.checkpoint import HF_TRANSPOSED, load_for_inference
 
 
 def gpt2_pair(seed: int = 0, dtype=torch.float32):

@@ -13,8 +13,8 @@ import torch
 from tqdm import tqdm
 
 from bench.common import CHAR_CKPT, CHAR_PC_CKPT, median, set_threads
-from model.checkpoint import load_for_inference
-from model.generate import decode, prefill
+from pcgpt.model.checkpoint import load_for_inference
+from pcgpt.model.generate import decode, prefill
 
 STEPS = (0, 1, 2, 4, 8)
 BATCHES = (1, 8)
@@ -26,9 +26,9 @@ def pc_model():
         base, _, _ = load_for_inference(CHAR_CKPT)
         # the baseline of the same weights: the PC checkpoint's own bottom-up path
         base.load_state_dict({k: v for k, v in pc.state_dict().items() if k in base.state_dict()})
-        source = f"checkpoints/{CHAR_PC_CKPT.name}"
+        source = f"pcgpt/checkpoints/{CHAR_PC_CKPT.name}"
     else:
-        from model.pc import PCGPT
+        from pcgpt.model.pc import PCGPT
         base, _, _ = load_for_inference(CHAR_CKPT)
         torch.manual_seed(0)
         pc = PCGPT.from_baseline(base).eval()

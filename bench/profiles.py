@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from bench.common import CHAR_CKPT, RESULTS, median, set_threads
-from model.generate import decode, prefill
+from pcgpt.model.generate import decode, prefill
 
 
 def _decode_steps(model, B, n, settle=None):
@@ -81,11 +81,11 @@ def torch_profile(step, n, title, path):
 
 
 def engine_profile(path, n_rows=32, n_steps=60):
-    from app.engine import Engine, Request
-    from app.metrics import Metrics
+    from pcgpt.serve.engine import Engine, Request
+    from pcgpt.serve.metrics import Metrics
     from bench.common import CHAR_CKPT
-    from model.checkpoint import load_for_inference
-    from model.sampling import SamplingParams
+    from pcgpt.model.checkpoint import load_for_inference
+    from pcgpt.model.sampling import SamplingParams
     model, tok, _ = load_for_inference(CHAR_CKPT)  # as the server loads it
     engine = Engine("prof", model, tok, Metrics(), max_batch_size=n_rows, max_queue=n_rows)
     # the engine's thread is not started: step() is driven by hand below
@@ -164,8 +164,8 @@ def gpt2_breakdown(ours, quick=False):
 def bf16_tolerance_char(quick=False):
     """How far `--dtype bfloat16` moves a trained model's predictions: the shipped char baseline in
     fp32 and in bf16 (prepacked, as served) on the validation split: loss, top-1 agreement, KL."""
-    from model.checkpoint import load_for_inference
-    from model.evaluate import make_windows, split_ids
+    from pcgpt.model.checkpoint import load_for_inference
+    from pcgpt.model.evaluate import make_windows, split_ids
     from bench.common import ROOT
     fp32, tok, _ = load_for_inference(CHAR_CKPT)
     bf16, _, _ = load_for_inference(CHAR_CKPT, dtype=torch.bfloat16)

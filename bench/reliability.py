@@ -538,7 +538,7 @@ def bad_checkpoints(base: Path, root: Path, marker: Path) -> list[tuple[str, Pat
     """(what, path to serve, the file the message must name) for each bad checkpoint."""
     import torch
     from safetensors.torch import load_file, save_file
-    from model.checkpoint import load_checkpoint
+    from pcgpt.model.checkpoint import load_checkpoint
     cases = []
     d = root / "truncated"
     shutil.copytree(base, d)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from bench.common import median, set_threads
-from model.hugepages import empty_on_huge_pages
+from pcgpt.model.hugepages import empty_on_huge_pages
 
 MiB = 1 << 20
 
@@ -99,7 +99,7 @@ def weights_only_pass(reps=15, served_layout=True, dtype=torch.float32):
     served_layout the matrices are laid out as `pcgpt serve` keeps them on CPU ([in, out] on huge
     pages in fp32, prepacked for oneDNN in bf16 where the CPU has native bf16), else in nn.Linear's
     [out, in]."""
-    from model.gpt import GPT, preset_config
+    from pcgpt.model.gpt import GPT, preset_config
     torch.manual_seed(0)
     model = GPT(preset_config("gpt2")).eval().requires_grad_(False).to(dtype)
     if served_layout:
@@ -147,7 +147,7 @@ def run(quick=False, decode_result=None):
         passes.update({f"{k}_bf16": v for k, v in weights_only_pass(5 if quick else 15, True, torch.bfloat16).items()})
         bar.update(1)
     # the GPT-2 124M shape: bytes read per batch-1 decode step
-    from model.gpt import GPT, preset_config
+    from pcgpt.model.gpt import GPT, preset_config
     with torch.device("meta"):
         gpt2 = GPT(preset_config("gpt2"))
     from bench.models import weight_bytes_per_token

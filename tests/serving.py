@@ -14,8 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PCGPT = str(Path(sys.executable).parent / "pcgpt")
-BASELINE = ROOT / "checkpoints" / "shakespeare-char"
-PC = ROOT / "checkpoints" / "shakespeare-char-pc"
+BASELINE = ROOT / "pcgpt" / "checkpoints" / "shakespeare-char"
+PC = ROOT / "pcgpt" / "checkpoints" / "shakespeare-char-pc"
 
 
 def free_port() -> int:
@@ -35,8 +35,8 @@ def snapshot_baseline(dst: Path) -> Path:
 def make_pc_checkpoint(directory: Path, seed: int = 0) -> Path:
     """A PC model over the shipped baseline with non-trivial random generators (for tests that
     need settling to move regardless of how the shipped PC checkpoint was trained)."""
-    from model.checkpoint import load_checkpoint, save_pcgpt
-    from model.pc import PCGPT
+    from pcgpt.model.checkpoint import load_checkpoint, save_pcgpt
+    from pcgpt.model.pc import PCGPT
     base, tokenizer, _ = load_checkpoint(BASELINE)
     torch.manual_seed(seed)
     pc = PCGPT.from_baseline(base)

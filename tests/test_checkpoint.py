@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import CheckpointError, detect_format, load_checkpoint, save_pcgpt
-from model.generate import generate
-from model.gpt import GPT, preset_config
-from model.sampling import SamplingParams
-from model.tokenizer import CharTokenizer, gpt2_tokenizer
+from pcgpt.model.checkpoint import CheckpointError, detect_format, load_checkpoint, save_pcgpt
+from pcgpt.model.generate import generate
+from pcgpt.model.gpt import GPT, preset_config
+from pcgpt.model.sampling import SamplingParams
+from pcgpt.model.tokenizer import CharTokenizer, gpt2_tokenizer
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\nROMEO:\nBut, soft! what light "

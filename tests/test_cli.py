@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint, save_pcgpt
-from model.generate import generate
-from model.gpt import GPT, preset_config
-from model.sampling import SamplingParams
-from model.tokenizer import CharTokenizer
+from pcgpt.model.checkpoint import load_checkpoint, save_pcgpt
+from pcgpt.model.generate import generate
+from pcgpt.model.gpt import GPT, preset_config
+from pcgpt.model.sampling import SamplingParams
+from pcgpt.model.tokenizer import CharTokenizer
 
 PCGPT = Path(sys.executable).parent / "pcgpt"
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
@@ -104,7 +104,7 @@ def test_generate_prints_prompt_then_generated_text(saved, tmp_path):
 def run_main(capsys, *args):
     """The CLI in-process (cheaper than a subprocess): (exit code, stdout, stderr). An exception
     escaping main() fails the test, as a traceback would."""
-    from app.cli import main
+    from pcgpt.cli import main
     with torch.enable_grad():  # the CLI turns gradients off globally; keep this process as it was
         rc = main([str(a) for a in args])
     out, err = capsys.readouterr()

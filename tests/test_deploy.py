@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,7 @@ import pytest
 
 from prometheus_stack import (DASHBOARD, DATASOURCES, Prometheus, all_panels, dashboard_targets, drive_load,
                               load_dashboard, metric_names, substitute)
-from serving import BASELINE, PC, Server, free_port, make_pc_checkpoint
+from serving import BASELINE, Server, free_port, make_pc_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_NAME, PC_NAME = "shakespeare-char", "shakespeare-char-pc"
@@ -286,7 +285,6 @@ def test_dockerfile_steps_install_and_serve(tmp_path):
     """FROM python:3.11-slim ... CMD: the COPY and RUN steps run here as plain commands, with the
     image's root mapped under tmp_path, torch from the local wheel (same version, no index URL),
     then the image's CMD serves and its HEALTHCHECK passes."""
-    started = time.monotonic()
     steps = dockerfile_instructions(ROOT / "Dockerfile")
     kinds = [k for k, _ in steps]
     assert steps[0] == ("FROM", "python:3.11-slim")
@@ -299,7 +297,7 @@ def test_dockerfile_steps_install_and_serve(tmp_path):
     included = dockerignore_filter(ROOT)
     # nothing beyond what serving needs goes into the image
     assert not included("tests/test_deploy.py") and not included("data/README.md") and not included(".venv/x")
-    assert not included("checkpoints/shakespeare-char/train_state.pt") and included("checkpoints/shakespeare-char/config.json")
+    assert not included("pcgpt/checkpoints/shakespeare-char/train_state.pt") and included("pcgpt/checkpoints/shakespeare-char/config.json")
     shim = tmp_path / "shim"  # `python` before the image's venv exists: the base interpreter, as in python:3.11-slim
     shim.mkdir()
     (shim / "python").symlink_to(getattr(sys, "_base_executable", sys.executable))
@@ -382,18 +380,18 @@ def test_dockerfile_steps_install_and_serve(tmp_path):
     venv_pcgpt = shutil.which("pcgpt", path=env["PATH"])
     assert venv_pcgpt and venv_pcgpt.startswith(str(rootfs)), venv_pcgpt
     # the installed package is a copy, not this work tree
-    where = subprocess.run(["python", "-c", "import app, model.gpt; print(app.__file__)"], env=env,
+    where = subprocess.run(["python", "-c", "import pcgpt.serve.server, pcgpt.model.gpt; print(pcgpt.__file__)"], env=env,
                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0 and str(rootfs) in where.stdout and "site-packages" in where.stdout, where
 
-    # the models the image's environment names, as copied into it
-    for spec in env["PCGPT_MODEL"].split(","):
-        path = Path(spec.partition("=")[2])
-        assert str(path).startswith(str(rootfs)), path
-        if not (path / "config.json").exists():
-            assert path.name == PC.name, f"{spec}: the image lacks this checkpoint"
-            warnings.warn(f"{PC.name} is not shipped yet: the replayed image serves a stand-in PC model")
-            make_pc_checkpoint(path)
+    # the models it serves by default: the checkpoints shipped inside the installed package
+    shipped = subprocess.run(["python", "-c", "from pcgpt.serve.config import DEFAULT_MODELS as m; "
+                              "print('\\n'.join(m.values()))"], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)
+    assert shipped.returncode == 0, shipped
+    for path in map(Path, shipped.stdout.split()):
+        assert str(path).startswith(str(rootfs)) and "site-packages" in str(path), path
+        assert (path / "config.json").is_file() and (path / "model.safetensors").is_file(), path
 
     port = free_port()
     argv = [a for a in cmd]
@@ -433,4 +431,3 @@ def test_dockerfile_steps_install_and_serve(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
-    assert time.monotonic() - started < 300

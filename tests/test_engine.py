@@ -8,10 +8,10 @@ import queue
 import pytest
 import torch
 
-import app.engine as engine_module
-from app.engine import DoneEvent, Engine, ErrorEvent, Request, TokenEvent
-from model.checkpoint import load_checkpoint
-from model.sampling import SamplingParams
+import pcgpt.serve.engine as engine_module
+from pcgpt.serve.engine import DoneEvent, Engine, ErrorEvent, Request, TokenEvent
+from pcgpt.model.checkpoint import load_checkpoint
+from pcgpt.model.sampling import SamplingParams
 from tests.serving import BASELINE, make_pc_checkpoint
 
 PROMPTS = ["ROMEO:\nWhat light", "To be", "First Citizen:\nBefore we proceed any further, hear me",

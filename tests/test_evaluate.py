@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.evaluate import evaluate, format_table, make_windows
-from model.gpt import GPT, preset_config
-from model.pc import PCGPT
-from model.tokenizer import CharTokenizer
+from pcgpt.model.evaluate import evaluate, format_table, make_windows
+from pcgpt.model.gpt import GPT, preset_config
+from pcgpt.model.pc import PCGPT
+from pcgpt.model.tokenizer import CharTokenizer
 
 PCGPT_BIN = Path(sys.executable).parent / "pcgpt"
 TEXT = "".join("To be, or not to be: that is the question. Whether 'tis nobler in the mind\n"
@@ -80,7 +80,7 @@ def test_pc_t0_is_the_baseline_and_does_not_settle(setup):
 
 
 def test_cli_prints_one_json_object_and_writes_a_plot(setup, tmp_path):
-    from model.checkpoint import save_pcgpt
+    from pcgpt.model.checkpoint import save_pcgpt
     base, tok, path = setup
     ckpt = save_pcgpt(tmp_path / "pc", PCGPT.from_baseline(base), tok)
     png = tmp_path / "eval.png"

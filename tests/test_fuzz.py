@@ -42,9 +42,9 @@ SENT = {"requests": 0, "by_status": {}, "streams": {}}
 def make_gpt2_tiny(dst):
     """A tiny random model over GPT-2's BPE vocabulary (50257 tokens, <|endoftext|> = 50256)."""
     import torch
-    from model.checkpoint import save_pcgpt
-    from model.gpt import GPT, preset_config
-    from model.tokenizer import gpt2_tokenizer
+    from pcgpt.model.checkpoint import save_pcgpt
+    from pcgpt.model.gpt import GPT, preset_config
+    from pcgpt.model.tokenizer import gpt2_tokenizer
     torch.manual_seed(0)
     return save_pcgpt(dst, GPT(preset_config("tiny", vocab_size=50257)), gpt2_tokenizer())
 
@@ -60,8 +60,8 @@ def server(tmp_path_factory):
 def openapi_document() -> dict:
     """The server's OpenAPI document, built in-process (it does not depend on the models loaded);
     the fixture checks that the real server publishes exactly this one."""
-    from app.config import ServerConfig
-    from app.server import create_app
+    from pcgpt.serve.config import ServerConfig
+    from pcgpt.serve.server import create_app
     return create_app(ServerConfig(), {}).openapi()
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model.checkpoint import load_checkpoint
-from model.generate import decode, generate, prefill, prefill_batch
-from model.gpt import GPT, PRESETS, KVCache, PrepackedLinear, onednn_bf16_available, preset_config
-from model.hugepages import HUGE_PAGE, huge_pages_available
-from model.sampling import SamplingParams
+from pcgpt.model.checkpoint import load_checkpoint
+from pcgpt.model.generate import decode, generate, prefill, prefill_batch
+from pcgpt.model.gpt import GPT, PRESETS, KVCache, PrepackedLinear, onednn_bf16_available, preset_config
+from pcgpt.model.hugepages import HUGE_PAGE, huge_pages_available
+from pcgpt.model.sampling import SamplingParams
 
 ATOL = 1e-5
 RTOL = 1e-4
@@ -149,8 +149,8 @@ def test_inference_layout_changes_memory_order_only(tmp_path):
     """to_inference_layout (what serving applies on CPU) stores the matrices as [in, out] and
     nothing else changes: names, shapes and values, the wte/lm_head tie, full and cached logits,
     and a checkpoint saved from it."""
-    from model.checkpoint import save_pcgpt
-    from model.tokenizer import CharTokenizer
+    from pcgpt.model.checkpoint import save_pcgpt
+    from pcgpt.model.tokenizer import CharTokenizer
     model = random_gpt(seed=11)
     served = random_gpt(seed=11).to_inference_layout()
     before, after = model.state_dict(), served.state_dict()

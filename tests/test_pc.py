@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import load_checkpoint
-from model.gpt import GPT, preset_config
-from model.pc import PCGPT, OwnKeyMask, attention_with_past, block_with_past
-from model.train import TrainConfig, train
+from pcgpt.model.checkpoint import load_checkpoint
+from pcgpt.model.gpt import GPT, preset_config
+from pcgpt.model.pc import PCGPT, OwnKeyMask, attention_with_past, block_with_past
+from pcgpt.model.train import TrainConfig, train
 
 VOCAB = 97  # the tiny preset's
 DATA = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare" / "input.txt"

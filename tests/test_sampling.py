@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.sampling import (
+from pcgpt.model.sampling import (
     BatchSampling,
     SamplingParams,
     apply_penalties,

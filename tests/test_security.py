@@ -51,8 +51,8 @@ def auth(**headers):
 def test_every_route_but_the_open_ones_needs_the_key(monkeypatch):
     """Every route the app has, now and later: /v1 routes answer 401 without the right key, and
     the key is checked with hmac.compare_digest (constant time)."""
-    from app.config import ServerConfig
-    from app.server import create_app
+    from pcgpt.serve.config import ServerConfig
+    from pcgpt.serve.server import create_app
     compared = []
     real = hmac.compare_digest
     monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
@@ -105,9 +105,9 @@ def preflight(client_or_url, origin, path="/v1/completions"):
 
 
 def test_cors_closed_by_default(monkeypatch):
-    from app.cli import build_parser
-    from app.config import ServerConfig
-    from app.server import create_app
+    from pcgpt.cli import build_parser
+    from pcgpt.serve.config import ServerConfig
+    from pcgpt.serve.server import create_app
     monkeypatch.delenv("PCGPT_CORS_ORIGINS", raising=False)
     assert build_parser().parse_args(["serve"]).cors_origin == [] and ServerConfig().cors_origins == []
     with TestClient(create_app(ServerConfig(), {})) as client:

@@ -64,7 +64,7 @@ def client(server):
 def reference(base_path):
     """The baseline in this process: the raw distribution a response's logprobs must describe."""
     import torch
-    from model.checkpoint import load_checkpoint
+    from pcgpt.model.checkpoint import load_checkpoint
     model, tokenizer, _ = load_checkpoint(base_path)
     model.eval()
 
@@ -522,7 +522,7 @@ def test_dtype_bfloat16_serves_prepacked_weights(base_path, tmp_path):
     concurrent greedy streams equal the same requests alone and `pcgpt generate --dtype bfloat16`,
     and the weights gauge counts the prepacked copies."""
     import torch
-    from model.checkpoint import load_for_inference
+    from pcgpt.model.checkpoint import load_for_inference
     prompts = ["ROMEO:", "JULIET:\nO", "First Citizen:\nBefore we", "KING"]
     with Server({"base": base_path}, "--dtype", "bfloat16", log_path=tmp_path / "server.log") as s:
         c = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)

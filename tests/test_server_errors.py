@@ -29,8 +29,8 @@ def ckpts(tmp_path_factory):
     """A private copy of the baseline (the shipped one may be rewritten while we run) and a PC
     model built over it."""
     import torch
-    from model.checkpoint import load_checkpoint, save_pcgpt
-    from model.pc import PCGPT as PCModel
+    from pcgpt.model.checkpoint import load_checkpoint, save_pcgpt
+    from pcgpt.model.pc import PCGPT as PCModel
 
     root = tmp_path_factory.mktemp("ckpts")
     base_dir = snapshot_baseline(root / "base")

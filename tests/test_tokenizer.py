@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from model.tokenizer import (
+from pcgpt.model.tokenizer import (
     GPT2_DIR,
     CharTokenizer,
     GPT2Tokenizer,

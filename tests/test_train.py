@@ -1,6 +1,6 @@
 """Training configuration: nanoGPT's defaults for the GPT-2 presets, the command line's values win."""
 
-from model.train import TrainConfig, lr_at, train_config
+from pcgpt.model.train import TrainConfig, lr_at, train_config
 
 
 def test_gpt2_preset_takes_nanogpts_defaults():

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import load_checkpoint, save_pcgpt
-from model.gpt import GPT, preset_config
-from model.tokenizer import CharTokenizer, gpt2_tokenizer
+from pcgpt.model.checkpoint import load_checkpoint, save_pcgpt
+from pcgpt.model.gpt import GPT, preset_config
+from pcgpt.model.tokenizer import CharTokenizer, gpt2_tokenizer
 
 
 @dataclass
@@ -127,14 +127,14 @@ def build_model(cfg: TrainConfig, tokenizer, device):
         base, base_tok, _ = load_checkpoint(cfg.init_from, device="cpu")
         tokenizer = base_tok
         if cfg.model_type == "pc" and base.model_type == "gpt":
-            from model.pc import PCGPT
+            from pcgpt.model.pc import PCGPT
             model = PCGPT.from_baseline(base, default_settle_steps=cfg.pc_default_settle_steps)
         else:
             model = base
     else:
         gpt_config = preset_config(cfg.preset, vocab_size=tokenizer.vocab_size, block_size=cfg.block_size)
         if cfg.model_type == "pc":
-            from model.pc import PCConfig, PCGPT
+            from pcgpt.model.pc import PCConfig, PCGPT
             model = PCGPT(PCConfig(**gpt_config.to_dict(), default_settle_steps=cfg.pc_default_settle_steps))
         else:
             model = GPT(gpt_config)
@@ -164,7 +164,7 @@ def estimate_loss(model, splits, cfg: TrainConfig, generator, device, autocast) 
 
 
 def train(cfg: TrainConfig) -> dict:
-    from model.device import resolve_device, resolve_dtype
+    from pcgpt.model.device import resolve_device, resolve_dtype
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

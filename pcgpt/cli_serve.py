@@ -6,7 +6,7 @@ import signal
 
 
 def register(sub, model_args, env):
-    from app.config import ServerConfig
+    from pcgpt.serve.config import ServerConfig
     d = ServerConfig()
     s = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API",
                        description="Every flag can also come from an environment variable PCGPT_<FLAG> "
@@ -35,7 +35,7 @@ def register(sub, model_args, env):
 
 
 def parse_models(specs) -> dict:
-    from app.config import DEFAULT_MODELS
+    from pcgpt.serve.config import DEFAULT_MODELS
     if not specs:
         return dict(DEFAULT_MODELS)
     models = {}
@@ -52,10 +52,10 @@ def parse_models(specs) -> dict:
 def cmd_serve(args) -> int:
     import torch
     import uvicorn
-    from app.config import ServerConfig
-    from app.server import create_app
-    from model.checkpoint import load_checkpoint
-    from model.device import resolve_device, resolve_dtype
+    from pcgpt.serve.config import ServerConfig
+    from pcgpt.serve.server import create_app
+    from pcgpt.model.checkpoint import load_checkpoint
+    from pcgpt.model.device import resolve_device, resolve_dtype
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(models=parse_models(args.model), host=args.host, port=args.port, device=args.device,

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model.sampling import token_stats
+from pcgpt.model.sampling import token_stats
 
 _LN2 = math.log(2.0)
 
@@ -31,7 +31,7 @@ PC_SIGNALS = ("energy0", "energy", "kl_settle")
 
 def split_ids(tokenizer, data_path: str, split: str) -> torch.Tensor:
     """Token ids of the split: "val" is nanoGPT's last 10% (the same cut training used), "all" the file."""
-    from model.train import load_text_splits
+    from pcgpt.model.train import load_text_splits
     if split == "val":
         return load_text_splits(data_path, tokenizer)[1]
     if split == "all":

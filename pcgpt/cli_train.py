@@ -5,7 +5,7 @@ import json
 
 
 def register(sub, model_args, env):
-    from model.train import TrainConfig
+    from pcgpt.model.train import TrainConfig
     t = sub.add_parser("train", help="train a baseline or PC model (nanoGPT-style loop)",
                        description="Defaults: model/train.py TrainConfig; the gpt2 presets take nanoGPT's "
                                    "(lr 6e-4, warmup 2000, 12 x 5 accumulation, betas 0.9/0.95, ...).")
@@ -40,7 +40,7 @@ def register(sub, model_args, env):
 
 
 def cmd_train(args) -> int:
-    from model.train import TrainConfig, command_line, train, train_config
+    from pcgpt.model.train import TrainConfig, command_line, train, train_config
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "command"}
     cfg = train_config({**given, "command": command_line()})
     result = train(cfg)
@@ -49,8 +49,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from app.cli import _load
-    from model.evaluate import evaluate, format_table, plot_results
+    from pcgpt.cli import _load
+    from pcgpt.model.evaluate import evaluate, format_table, plot_results
     model, tokenizer, _ = _load(args)
     steps = [int(s) for s in args.settle_steps.split(",") if s.strip()]
     report = evaluate(model, tokenizer, args.data, settle_steps=steps, split=args.split, max_tokens=args.max_tokens,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from model.gpt import GPT, GPTConfig
-from model.tokenizer import TokenizerError, gpt2_tokenizer, load_meta_pkl, tokenizer_from_spec
+from pcgpt.model.gpt import GPT, GPTConfig
+from pcgpt.model.tokenizer import TokenizerError, gpt2_tokenizer, load_meta_pkl, tokenizer_from_spec
 
 FORMAT_MARKER = "pcgpt"
 FORMAT_VERSION = 1
@@ -36,7 +36,7 @@ def model_classes() -> dict:
     """model_type -> (config class, model class). The PC model registers here when present."""
     classes = {"gpt": (GPTConfig, GPT)}
     try:
-        from model.pc import PCConfig, PCGPT
+        from pcgpt.model.pc import PCConfig, PCGPT
         classes["pc"] = (PCConfig, PCGPT)
     except ImportError:
         pass

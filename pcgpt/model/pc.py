@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.gpt import GPT, BlockTensors, GPTConfig, block_after_attention, block_qkv, gelu, without_onednn, LayerNorm, last_positions, slot_rows
+from pcgpt.model.gpt import GPT, BlockTensors, GPTConfig, block_after_attention, block_qkv, gelu, without_onednn, LayerNorm, last_positions, slot_rows
 
 
 @dataclass

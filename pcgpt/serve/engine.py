@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.generate import decode, prefill, prefill_batch
-from model.sampling import (BatchSampling, ErrorDrivenParams, SamplingParams, apply_penalties, error_driven_precision,
+from pcgpt.model.generate import decode, prefill, prefill_batch
+from pcgpt.model.sampling import (BatchSampling, ErrorDrivenParams, SamplingParams, apply_penalties, error_driven_precision,
                             make_generator, sample_from_logits, surprise_filter, token_stats, top_logprobs, update_mu)
-from model.tokenizer import IncrementalDetokenizer
+from pcgpt.model.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("pcgpt.engine")
 

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # pcgpt/checkpoints, shipped in the wheel
 # the embedded default: both shipped checkpoints
 DEFAULT_MODELS = {
     "shakespeare-char": str(CHECKPOINTS_DIR / "shakespeare-char"),

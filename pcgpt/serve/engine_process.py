@@ -26,7 +26,7 @@ import os
 import signal
 import threading
 
-from app.engine import DoneEvent, Engine, EngineUnavailable, ErrorEvent, QueueFull, check_admission
+from pcgpt.serve.engine import DoneEvent, Engine, EngineUnavailable, ErrorEvent, QueueFull, check_admission
 
 log = logging.getLogger("pcgpt.engine_process")
 
@@ -227,10 +227,10 @@ def engine_main(conn, spec: dict) -> None:
 
     try:
         import torch
-        from app.metrics import Metrics
-        from app.service import model_card
-        from model.checkpoint import load_for_inference
-        from model.device import resolve_device, resolve_dtype
+        from pcgpt.serve.metrics import Metrics
+        from pcgpt.serve.service import model_card
+        from pcgpt.model.checkpoint import load_for_inference
+        from pcgpt.model.device import resolve_device, resolve_dtype
         if spec["threads"]:
             torch.set_num_threads(spec["threads"])
         device = resolve_device(spec["device"])

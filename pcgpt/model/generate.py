@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from model.sampling import BatchSampling, SamplingParams, apply_penalties, make_generator, sample_from_logits
+from pcgpt.model.sampling import BatchSampling, SamplingParams, apply_penalties, make_generator, sample_from_logits
 
 
 @torch.no_grad()
@@ -53,6 +53,33 @@ def prefill_batch(model, prompts: list[torch.Tensor], kv_cache, slots: torch.Ten
 def decode(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache, slots: torch.Tensor,
            settle_steps: torch.Tensor | None = None):
     """One new token per row: tokens, input_pos and slots are (B,). Returns (logits (B, V), stats)."""
+    return model.forward_cached(tokens.view(-1, 1), input_pos.view(-1, 1), kv_cache, slots,
+                                settle_steps=settle_steps, last_only=True)
+
+
+# The attended window of a decode step is rounded up to a multiple of this: the step's shapes then
+# change only every KV_LEN_BUCKET positions (torch.compile and CUDA graphs capture one graph per
+# (batch bucket, window) pair), at the cost of reading at most this many masked positions more.
+KV_LEN_BUCKET = 64
+
+
+def kv_len_bucket(length: int, max_len: int) -> int:
+    """The window a decode step attends over when its furthest row holds `length` positions
+    (the new token included): `length` rounded up to KV_LEN_BUCKET, at most the cache's max_len."""
+    return min(max_len, -(-length // KV_LEN_BUCKET) * KV_LEN_BUCKET)
+
+
+@torch.no_grad()
+def decode_step(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache, settle_steps=None,
+                kv_len: int | None = None, max_settle_steps: int | None = None):
+    """One new token per row of a decode batch whose row b is cache slot b (B <= kv_cache.n_slots;
+    rows of free slots are padding: whatever they compute is ignored, and a slot is rewritten by
+    its next prefill). tokens and input_pos are (B,) on the model's device; kv_len (host int, from
+    kv_len_bucket) is the attended window, so the step reads nothing back from the device to size
+    itself. settle_steps (B,) (PC models; None = the checkpoint's default) with max_settle_steps, the
+    host's own max over the rows: 0 takes the unsettled path without a device read. Returns
+    (logits (B, V), stats)."""
+    slots = torch.arange(tokens.shape[0], device=tokens.device)
     return model.forward_cached(tokens.view(-1, 1), input_pos.view(-1, 1), kv_cache, slots,
                                 settle_steps=settle_steps, last_only=True)
 

@@ -15,14 +15,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.config import ServerConfig
-from app.engine_process import RemoteEngine
-from app.metrics import CONTENT_TYPE_LATEST, Metrics
-from app.schemas import (CHAT_COMPLETION_BODY, CHAT_COMPLETION_CHUNK, COMPLETION_BODY, COMPLETION_CHUNK, ERROR_BODY,
+from pcgpt.serve.config import ServerConfig
+from pcgpt.serve.engine_process import RemoteEngine
+from pcgpt.serve.metrics import CONTENT_TYPE_LATEST, Metrics
+from pcgpt.serve.schemas import (CHAT_COMPLETION_BODY, CHAT_COMPLETION_CHUNK, COMPLETION_BODY, COMPLETION_CHUNK, ERROR_BODY,
                          HEALTH_BODY, MODEL_CARD, MODEL_LIST, READY_BODY, ChatCompletionRequest, CompletionRequest,
                          stream_event)
-from app import service
-from app.service import APIError
+from pcgpt.serve import service
+from pcgpt.serve.service import APIError
 
 log = logging.getLogger("pcgpt.server")
 

@@ -11,9 +11,9 @@ import uuid
 
 import orjson
 
-from app.engine import DoneEvent, EngineUnavailable, ErrorEvent, QueueFull, Request
-from model.sampling import ErrorDrivenParams, SamplingParams
-from model.tokenizer import TokenizerError
+from pcgpt.serve.engine import DoneEvent, EngineUnavailable, ErrorEvent, QueueFull, Request
+from pcgpt.model.sampling import ErrorDrivenParams, SamplingParams
+from pcgpt.model.tokenizer import TokenizerError
 
 # The chat template: each message as a speaker's turn, the way the Shakespeare corpus writes
 # them ("NAME:\ntext\n\n"); the reply is the ASSISTANT's turn. A message's `name` is the speaker.

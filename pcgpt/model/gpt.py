@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.hugepages import empty_on_huge_pages
+from pcgpt.model.hugepages import empty_on_huge_pages
 
 
 @dataclass

@@ -8,8 +8,8 @@ import sys
 
 def _load(args):
     import torch
-    from model.checkpoint import load_for_inference
-    from model.device import resolve_device, resolve_dtype
+    from pcgpt.model.checkpoint import load_for_inference
+    from pcgpt.model.device import resolve_device, resolve_dtype
     device = resolve_device(args.device)
     dtype = resolve_dtype(getattr(args, "dtype", None), device)
     torch.set_grad_enabled(False)
@@ -17,9 +17,9 @@ def _load(args):
 
 
 def cmd_generate(args) -> int:
-    from model.generate import generate
-    from model.sampling import SamplingParams
-    from model.tokenizer import IncrementalDetokenizer
+    from pcgpt.model.generate import generate
+    from pcgpt.model.sampling import SamplingParams
+    from pcgpt.model.tokenizer import IncrementalDetokenizer
     model, tokenizer, _ = _load(args)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             min_p=args.min_p, seed=args.seed)
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     # train, eval and serve live in their own modules
-    from app import cli_serve, cli_train
+    from pcgpt import cli_serve, cli_train
     cli_train.register(sub, model_args, _env)
     cli_serve.register(sub, model_args, _env)
     return parser
@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from model.checkpoint import CheckpointError
-    from model.tokenizer import TokenizerError
+    from pcgpt.model.checkpoint import CheckpointError
+    from pcgpt.model.tokenizer import TokenizerError
     try:
         return args.func(args)
     except (CheckpointError, TokenizerError, ValueError) as e:
