@@ -384,7 +384,7 @@ class ErrorDrivenState:
         the rows whose request uses the sampler (others pass through). raw: the model's (B, V)
         logits; logits: after penalties; rows: the slots of the batch's rows (slice or tensor).
         Returns (logits, temperature, step): step is what update() and the uncertainty stats need."""
-        v = self.values[rows]
+        v = self.values[rows].clone()  # this step's state, as update() overwrites the slots' rows
         on = v[:, 0] > 0
         lp = torch.log_softmax(raw.float(), dim=-1)
         entropy = -(lp.exp() * lp).nan_to_num().sum(-1) / _LN2

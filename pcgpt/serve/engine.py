@@ -19,7 +19,7 @@ import time
 import torch
 
 from pcgpt.serve.output import OutputProcessor
-from pcgpt.serve.request import DoneEvent, ErrorEvent, Request, TokenEvent  # noqa: F401  (the engine's API)
+from pcgpt.serve.request import DoneEvent, ErrorEvent, Request, TokenEvent, deliver_to_loops  # noqa: F401  (the API)
 from pcgpt.serve.runner import ModelRunner, StepResult
 from pcgpt.serve.scheduler import (MAX_PREFILL_TOKENS, EngineUnavailable, QueueFull, Scheduler, Sequence,  # noqa: F401
                                    check_admission)
@@ -327,21 +327,3 @@ class Engine:
             m.device_memory.labels(model=self.name, kind="allocated").set(torch.cuda.memory_allocated(self.device))
             m.device_memory.labels(model=self.name, kind="reserved").set(torch.cuda.memory_reserved(self.device))
 
-
-def deliver_to_loops(items) -> None:
-    """Puts each event on its request's asyncio queue, with one call_soon_threadsafe per event
-    loop for the whole list."""
-    by_loop: dict = {}
-    for r, event in items:
-        if r.loop is not None and r.events is not None:
-            by_loop.setdefault(r.loop, []).append((r.events, event))
-    for loop, queued in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_put_all, queued)
-        except RuntimeError:
-            pass  # the client's event loop is gone
-
-
-def _put_all(items) -> None:
-    for queue, event in items:
-        queue.put_nowait(event)

@@ -1,4 +1,5 @@
-"""What goes into an engine (Request) and what comes out (TokenEvent, DoneEvent, ErrorEvent)."""
+"""What goes into an engine (Request), what comes out (TokenEvent, DoneEvent, ErrorEvent), and
+how the events reach the asyncio queues of an in-process engine's requests (deliver_to_loops)."""
 
 import asyncio
 import time
@@ -62,3 +63,22 @@ class DoneEvent:
 class ErrorEvent:
     index: int
     message: str
+
+
+def deliver_to_loops(items) -> None:
+    """Puts each event on its request's asyncio queue, with one call_soon_threadsafe per event
+    loop for the whole list."""
+    by_loop: dict = {}
+    for r, event in items:
+        if r.loop is not None and r.events is not None:
+            by_loop.setdefault(r.loop, []).append((r.events, event))
+    for loop, queued in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, queued)
+        except RuntimeError:
+            pass  # the client's event loop is gone
+
+
+def _put_all(items) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
