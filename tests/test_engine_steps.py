@@ -14,30 +14,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pcgpt.serve.runner as runner_module
-from pcgpt.model.checkpoint import load_checkpoint
 from pcgpt.model.generate import generate
 from pcgpt.model.sampling import ErrorDrivenParams, SamplingParams
 from pcgpt.serve.engine import DoneEvent, Engine, Request, TokenEvent
 from pcgpt.serve.metrics import Metrics
 from pcgpt.serve.output import OutputProcessor
-from tests.serving import BASELINE, make_pc_checkpoint
+from tests.test_engine import _Immediate, models  # noqa: F401  (models: the fixture, module-scoped there too)
 
 READS = {"aten._local_scalar_dense.default"}  # what .item(), int(), float(), bool() of a tensor dispatch
 FROM_HOST = {"aten.lift_fresh.default", "aten.lift_fresh_copy.default", "aten.lift.default"}  # torch.tensor(data)
-
-
-class _Immediate:
-    def call_soon_threadsafe(self, fn, *args):
-        fn(*args)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    base, tokenizer, _ = load_checkpoint(BASELINE)
-    pc, _, _ = load_checkpoint(make_pc_checkpoint(tmp_path_factory.mktemp("pc")))
-    for m in (base, pc):
-        m.requires_grad_(False)
-    return {"base": base, "pc": pc, "tokenizer": tokenizer}
 
 
 def _engine(model, tokenizer, metrics=True, max_batch_size=8):

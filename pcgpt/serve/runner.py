@@ -152,7 +152,7 @@ class ModelRunner:
         rows = slice(0, n_rows)
         logits, stats = decode_step(self.model, self.last_tokens[rows], self.positions[rows], self.cache,
                                     self.settle[rows] if self.is_pc else None, kv_len=kv_len,
-                                    max_settle_steps=self._max_settle(range(n_rows)))
+                                    max_settle_steps=self._plan(rows, range(n_rows))["max_settle"])
         result = self.sample(logits, rows, range(n_rows), stats)
         self.positions[rows].add_(self.active[rows])
         return result
@@ -173,11 +173,6 @@ class ModelRunner:
         result = self.sample(logits[rows], rows, [slot], {k: v[rows] for k, v in stats.items()})
         self.positions[rows].add_(1)
         return result
-
-    def _max_settle(self, slots) -> int | None:
-        if not self.is_pc:
-            return None
-        return max((self.settle_host[s] for s in slots if self.requests[s] is not None), default=0)
 
     # --- sampling --------------------------------------------------------------------------------
 
@@ -228,6 +223,8 @@ class ModelRunner:
             "top_logprobs": max((r.logprobs or 0 for r in running), default=0),
             "model_stats": self.stats_every_step or uncertainty,
             "error_driven_stats": error_driven and uncertainty,
+            # PC: the most settle steps a row asks for (0: the unsettled path, without a device read)
+            "max_settle": max((self.settle_of(r) for r in running), default=0) if self.is_pc else None,
         }
         return plan
 
