@@ -8,7 +8,7 @@ import queue
 import pytest
 import torch
 
-import pcgpt.serve.engine as engine_module
+import pcgpt.serve.runner as runner_module
 from pcgpt.serve.engine import DoneEvent, Engine, ErrorEvent, Request, TokenEvent
 from pcgpt.model.checkpoint import load_checkpoint
 from pcgpt.model.sampling import SamplingParams
@@ -86,13 +86,13 @@ def _engine(model, tokenizer, **kw):
 @pytest.fixture
 def prefill_calls(monkeypatch):
     calls = []
-    real = engine_module.prefill_batch
+    real = runner_module.prefill_batch
 
     def spy(model, prompts, *args, **kw):
         calls.append([len(p) for p in prompts])
         return real(model, prompts, *args, **kw)
 
-    monkeypatch.setattr(engine_module, "prefill_batch", spy)
+    monkeypatch.setattr(runner_module, "prefill_batch", spy)
     return calls
 
 
@@ -135,7 +135,7 @@ def test_failed_batched_prefill_retries_each_request_alone(models, monkeypatch):
     def broken(*args, **kw):
         raise RuntimeError("batched prefill broke")
 
-    monkeypatch.setattr(engine_module, "prefill_batch", broken)
+    monkeypatch.setattr(runner_module, "prefill_batch", broken)
     requests = [_request(tokenizer, p, i) for i, p in enumerate(PROMPTS[:3])]
     results = _run(_engine(models["base"], tokenizer), requests)
     # every request still completes through the one-request prefill
@@ -149,21 +149,23 @@ def test_a_decode_that_fails_for_one_row_fails_only_that_request(models, monkeyp
     row, that request ends with an error, the others finish with their own tokens, and the engine
     goes on serving (also when the poisoned row ends up decoding alone)."""
     tokenizer = models["tokenizer"]
-    real = engine_module.decode
-    poisoned_slot = {}
+    real = runner_module.decode_step
+    poisoned = {}
 
-    def decode(model, tokens, pos, cache, slots, steps):
-        if poisoned_slot.get("slot") in slots.tolist():
+    def decode_step(model, tokens, pos, cache, *args, **kw):
+        # row b is slot b: the poisoned sequence's row is live when it is fed its own position
+        seq = poisoned.get("seq")
+        if seq in engine.running and seq.slot < len(pos) and int(pos[seq.slot]) == seq.pos:
             raise RuntimeError("poisoned row")
-        return real(model, tokens, pos, cache, slots, steps)
+        return real(model, tokens, pos, cache, *args, **kw)
 
-    monkeypatch.setattr(engine_module, "decode", decode)
+    monkeypatch.setattr(runner_module, "decode_step", decode_step)
     engine = _engine(models["base"], tokenizer)
     requests = [_request(tokenizer, p, i) for i, p in enumerate(PROMPTS[:4])]
     engine.submit(requests)
 
     def poison():  # after the first step has admitted, prefilled and decoded all four
-        poisoned_slot["slot"] = next(s.slot for s in engine.running if s.request is requests[2])
+        poisoned["seq"] = next(s for s in engine.running if s.request is requests[2])
 
     _drain(engine, after_first_step=poison)
     finishes, texts = [], []
@@ -174,7 +176,7 @@ def test_a_decode_that_fails_for_one_row_fails_only_that_request(models, monkeyp
         texts.append("".join(e.text for e in events if isinstance(e, TokenEvent)))
     assert finishes == ["length", "length", "error", "length"]
     assert engine.dead is None and not engine.running
-    monkeypatch.setattr(engine_module, "decode", real)
+    monkeypatch.setattr(runner_module, "decode_step", real)
     alone = [_run(_engine(models["base"], tokenizer), [_request(tokenizer, p, i)])[0][0] for i, p in enumerate(PROMPTS[:4])]
     assert [texts[i] for i in (0, 1, 3)] == [alone[i] for i in (0, 1, 3)]  # the survivors: as alone
     again = _run(engine, [_request(tokenizer, PROMPTS[0], 0)])  # and the engine still serves

@@ -8,6 +8,11 @@ import torch
 
 from pcgpt.model.sampling import (
     BatchSampling,
+    ErrorDrivenParams,
+    ErrorDrivenState,
+    error_driven_precision,
+    surprise_filter,
+    update_mu,
     SamplingParams,
     apply_penalties,
     apply_temperature,
@@ -421,3 +426,53 @@ def test_validate_accepts_edges():
                        presence_penalty=-2.0, frequency_penalty=2.0, seed=-7),
     ]:
         ok.validate()
+
+
+# ---------------------------------------------------------------------------------------------- error-driven state
+
+
+def test_error_driven_state_equals_the_functions_on_its_rows_and_leaves_other_rows_alone():
+    """ErrorDrivenState over per-slot tensors: rows of slots that use the sampler get exactly what
+    error_driven_precision / surprise_filter / update_mu give them one by one (the first step
+    without m0 takes its reference from the prediction itself); other rows pass through, and
+    only the used slots' μ and m move."""
+    torch.manual_seed(0)
+    V, n_slots = 40, 6
+    state = ErrorDrivenState(n_slots, "cpu")
+    params = {1: ErrorDrivenParams(tau=2.0, eta=0.2, lam=0.7, base_temperature=0.9),
+              4: ErrorDrivenParams(tau=3.0, mu0=5.0, m0=0.3)}
+    slots = torch.tensor(sorted(params))
+    state.admit(slots, torch.tensor([ErrorDrivenState.initial_row(params[s]) for s in sorted(params)]))
+    state.admit(torch.tensor([0]), torch.tensor([ErrorDrivenState.initial_row(None)]))
+    mu = {1: 4.0, 4: 5.0}
+    log_mean = {1: None, 4: 0.3}
+    for step in range(3):
+        raw = torch.randn(n_slots, V) * 2
+        temperature = torch.full((n_slots,), 0.7)
+        x, t, info = state.apply(raw, raw.clone(), temperature, slice(0, n_slots))
+        chosen = torch.randint(0, V, (n_slots,))
+        for s in range(n_slots):
+            if s not in params:
+                assert torch.equal(x[s], raw[s]) and t[s] == 0.7
+                continue
+            p = params[s]
+            lp = torch.log_softmax(raw[s:s + 1], -1)
+            entropy = -(lp.exp() * lp).sum(-1) / math.log(2)
+            m = torch.log(entropy) if log_mean[s] is None else torch.tensor([log_mean[s]])
+            precision, new_mean = error_driven_precision(entropy, m, torch.tensor([p.lam]))
+            want_t = p.base_temperature / precision
+            filtered, n_kept = surprise_filter(raw[s:s + 1], want_t, torch.tensor([mu[s]]))
+            torch.testing.assert_close(t[s:s + 1], want_t, rtol=1e-6, atol=0)
+            assert torch.equal(torch.isfinite(x[s:s + 1]), torch.isfinite(filtered)) and info["n_kept"][s] == n_kept
+            assert info["mu"][s] == pytest.approx(mu[s])
+            mu[s] = float(update_mu(torch.tensor([mu[s]]), filtered, want_t, chosen[s:s + 1], torch.tensor([p.tau]),
+                                    torch.tensor([p.eta]))[0])
+            log_mean[s] = float(new_mean[0])
+        before = state.values.clone()
+        state.update(info, x, t, chosen, slice(0, n_slots))
+        for s in range(n_slots):
+            if s in params:
+                assert state.values[s, 5].item() == pytest.approx(mu[s], rel=1e-5)
+                assert state.values[s, 6].item() == pytest.approx(log_mean[s], rel=1e-5)
+            else:
+                assert torch.equal(state.values[s], before[s])

@@ -344,3 +344,69 @@ def update_mu(mu: torch.Tensor, filtered: torch.Tensor, temperature: torch.Tenso
     scaled = filtered / temperature.clamp_min(1e-6)[:, None]
     s = -torch.log_softmax(scaled, dim=-1).gather(1, chosen.view(-1, 1)).squeeze(1) / _LN2
     return mu - eta * (s - tau)
+
+
+def write_rows(dst: torch.Tensor, rows, src: torch.Tensor) -> None:
+    """dst[rows] = src for rows given as a slice (a view: written in place) or a (n,) index tensor."""
+    if isinstance(rows, slice):
+        dst[rows].copy_(src)
+    else:
+        dst.index_copy_(0, rows, src.to(dst.dtype))
+
+
+class ErrorDrivenState:
+    """The error-driven sampler's state per cache slot, kept on the device across steps.
+
+    One (n_slots, len(FIELDS)) float32 tensor: whether the slot's request uses the sampler, its
+    settings, and the running state (μ, the running log-mean m of the error signal and whether m
+    is set yet). A request's row is written when it is admitted (initial_row, copied in with the
+    rest of its admission) and advanced on the device each step; nothing is read back."""
+
+    FIELDS = ("on", "tau", "eta", "lam", "base_temperature", "mu", "log_mean", "has_log_mean")
+
+    def __init__(self, n_slots: int, device):
+        self.values = torch.zeros(n_slots, len(self.FIELDS), dtype=torch.float32, device=device)
+
+    @staticmethod
+    def initial_row(params: ErrorDrivenParams | None) -> list[float]:
+        if params is None:
+            return [0.0, 1.0, 0.0, 0.0, 1.0, math.inf, 0.0, 0.0]
+        mu = 2 * params.tau if params.mu0 is None else params.mu0
+        return [1.0, params.tau, params.eta, params.lam, params.base_temperature, mu,
+                0.0 if params.m0 is None else params.m0, float(params.m0 is not None)]
+
+    def admit(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """rows (n, len(FIELDS)) from initial_row, for cache slots `slots` (n,)."""
+        self.values.index_copy_(0, slots, rows.to(self.values.dtype))
+
+    def apply(self, raw: torch.Tensor, logits: torch.Tensor, temperature: torch.Tensor, rows):
+        """Per-row temperature from the prediction's precision, then mirostat v2's truncation, for
+        the rows whose request uses the sampler (others pass through). raw: the model's (B, V)
+        logits; logits: after penalties; rows: the slots of the batch's rows (slice or tensor).
+        Returns (logits, temperature, step): step is what update() and the uncertainty stats need."""
+        v = self.values[rows].clone()  # this step's state, as update() overwrites the slots' rows
+        on = v[:, 0] > 0
+        lp = torch.log_softmax(raw.float(), dim=-1)
+        entropy = -(lp.exp() * lp).nan_to_num().sum(-1) / _LN2
+        # no m0 given: the first prediction sets the reference
+        log_mean = torch.where(v[:, 7] > 0, v[:, 6], torch.log(entropy.clamp_min(1e-6)))
+        precision, new_mean = error_driven_precision(entropy, log_mean, v[:, 3])
+        ed_temperature = v[:, 4] / precision
+        filtered, n_kept = surprise_filter(logits, ed_temperature, v[:, 5])
+        logits = torch.where(on[:, None], filtered, logits.float())
+        temperature = torch.where(on, ed_temperature, temperature)
+        step = {"on": on, "values": v, "new_mean": new_mean, "temperature": ed_temperature,
+                "precision": precision, "mu": v[:, 5], "n_kept": n_kept.float()}
+        return logits, temperature, step
+
+    def update(self, step: dict, filtered: torch.Tensor, temperature: torch.Tensor, chosen: torch.Tensor,
+               rows) -> None:
+        """After sampling: μ and m move for the rows that use the sampler."""
+        v, on = step["values"], step["on"]
+        new_mu = update_mu(v[:, 5], filtered, temperature, chosen, v[:, 1], v[:, 2])
+        state = torch.stack([torch.where(on, new_mu, v[:, 5]), torch.where(on, step["new_mean"], v[:, 6]),
+                             torch.where(on, torch.ones_like(v[:, 7]), v[:, 7])], dim=1)
+        if isinstance(rows, slice):
+            self.values[rows, 5:8].copy_(state)
+        else:
+            self.values[:, 5:8].index_copy_(0, rows, state)

@@ -288,7 +288,7 @@ _CHECK_CLIENT = object()  # a queue item that is no event: time to check for a d
 
 def _sse(obj) -> bytes:
     # orjson: one chunk per token makes this the hottest line of a stream (json.dumps was ~5x slower);
-    # values are finite by construction (engine._finite), which orjson would otherwise write as null
+    # values are finite by construction (serve/output._finite), which orjson would otherwise write as null
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
