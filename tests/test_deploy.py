@@ -21,6 +21,8 @@ from prometheus_stack import (DASHBOARD, DATASOURCES, Prometheus, all_panels, da
                               load_dashboard, metric_names, substitute)
 from serving import BASELINE, Server, free_port, make_pc_checkpoint
 
+pytestmark = pytest.mark.server
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE_NAME, PC_NAME = "shakespeare-char", "shakespeare-char-pc"
 

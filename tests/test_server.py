@@ -27,6 +27,8 @@ import pytest
 from tests import serving
 from tests.serving import PCGPT, Server, make_pc_checkpoint
 
+pytestmark = pytest.mark.server
+
 SCHEMAS = json.loads((Path(__file__).parent / "data" / "openai-schemas.json").read_text())
 LN2 = math.log(2)
 N_LAYER = 4  # the shipped char model's
