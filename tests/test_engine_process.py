@@ -1,4 +1,4 @@
-"""Each model's engine runs in a process of its own (app/engine_process.py): the processes exist,
+"""Each model's engine runs in a process of its own (pcgpt/serve/engine_process.py): the processes exist,
 their metrics reach /metrics, a killed engine process fails its requests and the server's
 readiness instead of hanging them, and no engine process outlives its server."""
 
