@@ -114,10 +114,30 @@ def load_checkpoint(path, meta_path=None, device="cpu", dtype=None):
 
 
 def build_model(model_type: str, config, device=None):
-    """The model class for model_type, built from config (on the meta device: shapes only, no memory)."""
+    """The model class for model_type, built from config. On the meta device (shapes, no memory,
+    for describing and checking a checkpoint) its initialisers are skipped: the first initialiser
+    run on a meta tensor imports PyTorch's Python meta kernels (sympy and ~800 modules, about a
+    second and 60 MB) to produce values a meta tensor does not hold anyway."""
     _, model_cls = model_classes()[model_type]
-    with torch.device(device) if device is not None else contextlib.nullcontext():
+    if device is None:
         return model_cls(config)
+    with torch.device(device), (_initialisers_skipped() if torch.device(device).type == "meta" else contextlib.nullcontext()):
+        return model_cls(config)
+
+
+@contextlib.contextmanager
+def _initialisers_skipped():
+    """torch.nn.init's in-place initialisers as no-ops, for the duration (process-wide: used while
+    building a meta model only)."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
 
 
 def load_for_inference(path, meta_path=None, device="cpu", dtype=None):
