@@ -448,3 +448,14 @@ def test_info_reads_no_weights(tmp_path, monkeypatch):
     for fmt in ("pcgpt", "hf-gpt2"):
         with pytest.raises(AssertionError, match="the weights were read"):
             load_checkpoint(paths[fmt])
+
+
+def test_reading_info_leaves_the_initialisers_working(saved):
+    """The meta model behind the info is built with torch.nn.init's initialisers switched off;
+    they are back afterwards, and a model built then is initialised."""
+    initialisers = {n: getattr(torch.nn.init, n) for n in ("normal_", "zeros_", "uniform_", "kaiming_uniform_")}
+    read_checkpoint_info(saved)
+    assert {n: getattr(torch.nn.init, n) for n in initialisers} == initialisers
+    torch.manual_seed(0)
+    model = GPT(preset_config("tiny", vocab_size=65))
+    assert 0.01 < model.transformer.wte.weight.std() < 0.03  # GPT-2's init: N(0, 0.02)
