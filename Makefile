@@ -1,35 +1,46 @@
-# Every target creates .venv and installs the project first, so on a fresh machine
-# `make test` or `make serve` is the whole set-up.
+# Every target creates .venv and installs what it needs first, so on a fresh machine
+# `make serve` or `make test` is the whole set-up.
+#   make serve    serving only: PyTorch and the package (pip install -e .)
+#   make test     + the [dev] extra (pytest, the OpenAI client, transformers, ...) and Debian's prometheus
+#   make bench    + the [dev] extra
+#   make install  everything `make test` and `make bench` need
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of PyTorch. For a GPU: make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124" ...
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install deps-system serve test bench clean
+.PHONY: install install-serve deps-system serve test bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(SERVE_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	$(BIN)/pip install --quiet -e .
+	touch $@
 
-install: $(STAMP)
+$(DEV_STAMP): $(SERVE_STAMP)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install-serve: $(SERVE_STAMP)
+
+install: $(DEV_STAMP)
 
 # System packages the tests need: Debian's prometheus (with promtool) for tests/test_deploy.py.
 deps-system:
 	command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		(apt-get update && apt-get install -y --no-install-recommends prometheus)
 
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(BIN)/pcgpt serve
 
-test: $(STAMP) deps-system
+test: $(DEV_STAMP) deps-system
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.run_all
 
 clean:

@@ -255,10 +255,11 @@ def log_faults(server: Server) -> list[str]:
 # --- overload ----------------------------------------------------------------------------------
 
 def run_overload(server: Server, requests: int = 256, waves: int = 2, max_tokens: int = 32, spread: float = 0.5,
-                 wave_timeout: float = 120.0) -> dict:
+                 wave_timeout: float = 120.0, max_429_p95_s: float | None = 2.0) -> dict:
     """Waves of `requests` requests at a server with BATCH + QUEUE places: half of each wave at
     once, the other half arriving over `spread` seconds (so the queue drains and refills while
-    the overload goes on)."""
+    the overload goes on). max_429_p95_s: the latency a 429 may take (p95) before it counts as a
+    problem; None leaves latency out (the tests: no wall-clock claims there)."""
     problems = []
     refs = references(server, max_tokens)
     pid = server.proc.pid
@@ -315,7 +316,7 @@ def run_overload(server: Server, requests: int = 256, waves: int = 2, max_tokens
         problems.append("no request was refused: the overload did not overload")
     if figures["accepted"] < BATCH + QUEUE:
         problems.append(f"only {figures['accepted']} requests accepted; the server holds {BATCH + QUEUE}")
-    if lat429 and pct(lat429, 95) > 2.0:
+    if lat429 and max_429_p95_s is not None and pct(lat429, 95) > max_429_p95_s:
         problems.append(f"429s are not immediate: p95 {pct(lat429, 95):.2f} s")
     if len(figures["rss_mb"]) >= 2 and figures["rss_mb"][-1] - figures["rss_mb"][0] > RSS_RETURN_MB:
         problems.append(f"RSS grew {figures['rss_mb'][-1] - figures['rss_mb'][0]:.1f} MB from wave 1 to the last")

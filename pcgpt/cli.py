@@ -45,28 +45,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def describe(model, tokenizer, metadata) -> dict:
-    """What `pcgpt inspect` prints and /v1/models reports about a loaded model."""
-    c = model.config
-    return {
-        "model_type": model.model_type,
-        "format": metadata.get("format"),
-        "config": c.to_dict(),
-        "parameters": model.num_params(non_embedding=False),
-        "parameters_non_embedding": model.num_params(),
-        "tokenizer": tokenizer.name,
-        "vocab_size": tokenizer.vocab_size,
-        "context_length": c.block_size,
-        "kv_cache_bytes_per_token": model.kv_bytes_per_token(model.lm_head.weight.dtype),
-        "flops_per_token": model.flops_per_token(),
-        "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
-        **{k: metadata[k] for k in ("training", "eval") if k in metadata},
-    }
-
-
 def cmd_inspect(args) -> int:
-    model, tokenizer, metadata = _load(args)
-    info = describe(model, tokenizer, metadata)
+    """Reads the checkpoint's config, tokenizer and tensor index, not its weights."""
+    from pcgpt.model.card import describe
+    from pcgpt.model.checkpoint import read_checkpoint_info
+    from pcgpt.model.device import resolve_device, resolve_dtype
+    info = describe(read_checkpoint_info(args.model, meta_path=args.meta),
+                    dtype=resolve_dtype(args.dtype, resolve_device(args.device)))
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0

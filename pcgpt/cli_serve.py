@@ -1,8 +1,10 @@
-"""`pcgpt serve`: read the models, then run the HTTP service under uvicorn, each model's engine in a
-process of its own (app/engine_process.py)."""
+"""`pcgpt serve`: read the models' checkpoint info (no weights), start each model's engine in a
+process of its own (pcgpt/serve/engine_process.py, which loads the weights), then run the HTTP
+service under uvicorn."""
 
 import logging
 import signal
+import sys
 
 
 def register(sub, model_args, env):
@@ -50,12 +52,11 @@ def parse_models(specs) -> dict:
 
 
 def cmd_serve(args) -> int:
-    import torch
     import uvicorn
+    from pcgpt.model.checkpoint import read_checkpoint_info
     from pcgpt.serve.config import ServerConfig
-    from pcgpt.serve.server import create_app
-    from pcgpt.model.checkpoint import load_checkpoint
-    from pcgpt.model.device import resolve_device, resolve_dtype
+    from pcgpt.serve.engine_process import EngineStartError
+    from pcgpt.serve.server import create_app, start_engines
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(models=parse_models(args.model), host=args.host, port=args.port, device=args.device,
@@ -66,19 +67,17 @@ def cmd_serve(args) -> int:
                           log_level=args.log_level.lower())
     if config.max_batch_size < 1 or config.max_queue < 0 or config.stream_interval < 1:
         raise ValueError("--max-batch-size and --stream-interval must be at least 1 and --max-queue at least 0")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    loaded = {}
-    for name, path in config.models.items():
-        # read here for its description and tokenizer (a bad checkpoint fails before anything
-        # starts); the weights are served by the model's engine process, which loads them itself
-        model, tokenizer, metadata = load_checkpoint(path, device="cpu", dtype=dtype)
-        loaded[name] = (model, tokenizer, metadata)
-        logging.getLogger("pcgpt").info("loaded %s (%s, %s) from %s for %s", name, model.model_type,
-                                        f"{model.num_params(False):,} parameters", path, device)
-    app = create_app(config, loaded)
+    # This process reads each checkpoint's config, tokenizer and tensor index (a bad one fails
+    # here, at once); each model's engine process loads the weights.
+    infos = {name: read_checkpoint_info(path) for name, path in config.models.items()}
+    try:
+        engines = start_engines(config, infos)
+    except EngineStartError as e:
+        print(f"pcgpt serve: error: {e}", file=sys.stderr)
+        return 2
+    for name, info in infos.items():
+        logging.getLogger("pcgpt").info("serving %s (%s) from %s on %s", name, info.model_type, info.path, config.device)
+    app = create_app(config, engines)
     # uvicorn re-raises the SIGTERM it drained on after restoring this handler: with the default
     # handler the process would then die of the signal (exit -15) instead of exiting 0
     signal.signal(signal.SIGTERM, lambda *_: None)

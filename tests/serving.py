@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PCGPT = str(Path(sys.executable).parent / "pcgpt")
 BASELINE = ROOT / "pcgpt" / "checkpoints" / "shakespeare-char"
 PC = ROOT / "pcgpt" / "checkpoints" / "shakespeare-char-pc"
+SHIPPED = ("shakespeare-char", "shakespeare-char-pc")  # what `pcgpt serve` serves by default
+START_HANG_GUARD_S = 120  # a server not ready by then is stuck (a loaded machine starts one in ~20 s)
 
 
 def free_port() -> int:
@@ -46,29 +48,38 @@ def make_pc_checkpoint(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-class Server:
-    """A `pcgpt serve` subprocess; use as a context manager."""
+def environment(overrides: dict | None = None) -> dict:
+    """This process's environment with `overrides` laid over it (a value of None removes the variable)."""
+    return {k: v for k, v in {**os.environ, **(overrides or {})}.items() if v is not None}
 
-    def __init__(self, models: dict[str, Path | str], *extra: str, env: dict | None = None, log_path: Path | None = None):
+
+class Server:
+    """A `pcgpt serve` subprocess; use as a context manager. `models`: served name -> checkpoint
+    (None: the shipped default). `env` is laid over this process's environment (a value of None
+    removes the variable); `executable` is the `pcgpt` to run, `cwd` where."""
+
+    def __init__(self, models: dict[str, Path | str] | None, *extra: str, env: dict | None = None,
+                 log_path: Path | None = None, executable: str | Path = PCGPT, cwd: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [PCGPT, "serve", "--port", str(self.port), "--threads", "1"]
-        for name, path in models.items():
+        args = [str(executable), "serve", "--port", str(self.port), "--threads", "1"]
+        for name, path in (models or {}).items():
             args += ["--model", f"{name}={path}"]
         self.args = args + list(extra)
-        self.env = {**os.environ, **(env or {})}
+        self.env = environment(env)
+        self.cwd = cwd
         self.log_path = log_path
         self.proc = None
 
     def __enter__(self) -> "Server":
         self.log = open(self.log_path, "w+") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.monotonic() + 60
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
+        deadline = time.monotonic() + START_HANG_GUARD_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pcgpt serve exited with {self.proc.returncode}: {self.read_log()}")
             try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/ready", timeout=5).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -115,3 +126,21 @@ class Server:
                 continue
             total += float(value)
         return total
+
+
+def check_serves_shipped_models(url: str) -> None:
+    """A server started with no --model serves both shipped checkpoints: ready, listed, and each
+    answers a completion (the PC model with its uncertainty)."""
+    with httpx.Client(base_url=url, timeout=120) as client:
+        ready = client.get("/ready")
+        assert ready.status_code == 200 and set(ready.json()["models"]) == set(SHIPPED), ready.text
+        cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert sorted(cards) == sorted(SHIPPED)
+        assert (cards["shakespeare-char"]["model_type"], cards["shakespeare-char-pc"]["model_type"]) == ("gpt", "pc")
+        for name in SHIPPED:
+            r = client.post("/v1/completions", json={"model": name, "prompt": "ROMEO:", "max_tokens": 4,
+                                                    "uncertainty": True})
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            assert len(choice["text"]) == 4 and len(choice["uncertainty"]) == 4, choice  # char models
+        assert "pcgpt_generation_tokens_total" in client.get("/metrics").text

@@ -1,6 +1,7 @@
 """Checkpoint IO: pcgpt directories round-trip, nanoGPT's ckpt.pt + meta.pkl load as nanoGPT
 writes them, pickles that would run code are refused, and every corrupt or mismatched checkpoint
-fails with a CheckpointError naming the file and the problem."""
+fails with a CheckpointError naming the file and the problem, both when loaded and when only its
+info is read (read_checkpoint_info: config, tokenizer, metadata and tensor index, no weights)."""
 
 import json
 import os
@@ -13,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pcgpt.model.checkpoint import CheckpointError, detect_format, load_checkpoint, save_pcgpt
+from pcgpt.model.checkpoint import (HF_TRANSPOSED, CheckpointError, detect_format, load_checkpoint,
+                                      read_checkpoint_info, save_pcgpt)
 from pcgpt.model.generate import generate
 from pcgpt.model.gpt import GPT, preset_config
 from pcgpt.model.sampling import SamplingParams
@@ -251,11 +253,12 @@ def _evil_files(tmp_path, marker):
 def test_code_running_pickles_are_refused(tmp_path):
     marker = tmp_path / "marker"
     for what, bad_file, path, meta in _evil_files(tmp_path, marker):
-        with pytest.raises(CheckpointError) as e:
-            load_checkpoint(path, meta_path=meta)
-        assert str(bad_file) in str(e.value), what
-        assert "exec" in str(e.value), what  # names what it refused
-        assert not marker.exists(), what
+        for read in (load_checkpoint, read_checkpoint_info):
+            with pytest.raises(CheckpointError) as e:
+                read(path, meta_path=meta)
+            assert str(bad_file) in str(e.value), (what, read.__name__)
+            assert "exec" in str(e.value), (what, read.__name__)  # names what it refused
+            assert not marker.exists(), (what, read.__name__)
 
 
 def test_code_running_pickles_are_refused_by_cli(tmp_path):
@@ -282,8 +285,12 @@ def saved(tmp_path):
 
 
 def _error(path, **kw) -> str:
+    """The CheckpointError's message; reading only the info fails the same way as loading."""
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(path, **kw)
+    with pytest.raises(CheckpointError) as info_error:
+        read_checkpoint_info(path, **kw)
+    assert str(info_error.value) == str(e.value)
     return str(e.value)
 
 
@@ -386,3 +393,69 @@ def test_pcgpt_config_problems(saved):
     (saved / "model.safetensors").unlink()
     msg = _error(saved)
     assert str(saved / "model.safetensors") in msg and "missing" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint info without the weights
+
+
+def write_hf_gpt2(directory: Path, model) -> Path:
+    """An HF GPT-2 directory (config.json + model.safetensors, Conv1D matrices stored [in, out])."""
+    directory.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+        "n_positions": c.block_size, "vocab_size": c.vocab_size, "activation_function": "gelu_new"}))
+    state = {k: (v.t() if k.endswith(HF_TRANSPOSED) else v).contiguous()
+             for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, directory / "model.safetensors")
+    return directory
+
+
+def checkpoints_of_every_format(tmp_path) -> dict:
+    model, tokenizer = char_model()
+    torch.manual_seed(0)
+    hf_model = GPT(preset_config("tiny", vocab_size=50257, bias=True, gelu_approximate="tanh")).eval()
+    return {"pcgpt": save_pcgpt(tmp_path / "pcgpt", model, tokenizer, {"eval": {"val_loss": 1.7}}),
+            "nanogpt": write_nanogpt(tmp_path / "nanogpt", model, tokenizer),
+            "hf-gpt2": write_hf_gpt2(tmp_path / "hf", hf_model)}
+
+
+def test_info_describes_what_loading_gives(tmp_path):
+    for fmt, path in checkpoints_of_every_format(tmp_path).items():
+        info = read_checkpoint_info(path)
+        model, tokenizer, metadata = load_checkpoint(path)
+        assert info.format == fmt and info.path == str(path)
+        assert info.model_type == model.model_type == "gpt"
+        assert info.config == model.config, fmt
+        assert info.tokenizer.to_spec() == tokenizer.to_spec(), fmt
+        assert info.metadata == metadata, fmt
+
+
+def test_info_reads_no_weights(tmp_path, monkeypatch):
+    """read_checkpoint_info takes tensor names and shapes from the safetensors header, or from a
+    torch.load that maps the archive: with safetensors' reader of the data disabled, the info of a
+    safetensors checkpoint still reads, while loading it does not."""
+    import safetensors.torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    paths = checkpoints_of_every_format(tmp_path)
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    for fmt, path in paths.items():
+        assert read_checkpoint_info(path).format == fmt
+    for fmt in ("pcgpt", "hf-gpt2"):
+        with pytest.raises(AssertionError, match="the weights were read"):
+            load_checkpoint(paths[fmt])
+
+
+def test_reading_info_leaves_the_initialisers_working(saved):
+    """The meta model behind the info is built with torch.nn.init's initialisers switched off;
+    they are back afterwards, and a model built then is initialised."""
+    initialisers = {n: getattr(torch.nn.init, n) for n in ("normal_", "zeros_", "uniform_", "kaiming_uniform_")}
+    read_checkpoint_info(saved)
+    assert {n: getattr(torch.nn.init, n) for n in initialisers} == initialisers
+    torch.manual_seed(0)
+    model = GPT(preset_config("tiny", vocab_size=65))
+    assert 0.01 < model.transformer.wte.weight.std() < 0.03  # GPT-2's init: N(0, 0.02)

@@ -19,7 +19,10 @@ import pytest
 
 from prometheus_stack import (DASHBOARD, DATASOURCES, Prometheus, all_panels, dashboard_targets, drive_load,
                               load_dashboard, metric_names, substitute)
-from serving import BASELINE, Server, free_port, make_pc_checkpoint
+from serving import (BASELINE, START_HANG_GUARD_S, Server, check_serves_shipped_models, free_port,
+                     make_pc_checkpoint)
+
+pytestmark = pytest.mark.server
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_NAME, PC_NAME = "shakespeare-char", "shakespeare-char-pc"
@@ -403,7 +406,7 @@ def test_dockerfile_steps_install_and_serve(tmp_path):
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(argv, cwd=rootfs / workdir.lstrip("/"), env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + START_HANG_GUARD_S
         healthy = False
         while time.monotonic() < deadline and proc.poll() is None:
             if subprocess.run(check, env=env, capture_output=True, timeout=10).returncode == 0:
@@ -412,17 +415,7 @@ def test_dockerfile_steps_install_and_serve(tmp_path):
             time.sleep(0.5)
         log.seek(0)
         assert healthy, f"HEALTHCHECK never passed; server log:\n{log.read()[-3000:]}"
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                break
-            time.sleep(0.2)
-        models = [m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]]
-        assert sorted(models) == ["shakespeare-char", "shakespeare-char-pc"]
-        r = httpx.post(url + "/v1/completions", json={"model": "shakespeare-char-pc", "prompt": "ROMEO:",
-                                                      "max_tokens": 4, "uncertainty": True}, timeout=60)
-        assert r.status_code == 200, r.text
-        assert "pcgpt_generation_tokens_total" in httpx.get(url + "/metrics", timeout=10).text
+        check_serves_shipped_models(f"http://127.0.0.1:{port}")
     finally:
         proc.terminate()
         try:

@@ -1,4 +1,4 @@
-"""Each model's engine runs in a process of its own (app/engine_process.py): the processes exist,
+"""Each model's engine runs in a process of its own (pcgpt/serve/engine_process.py): the processes exist,
 their metrics reach /metrics, a killed engine process fails its requests and the server's
 readiness instead of hanging them, and no engine process outlives its server."""
 
@@ -12,6 +12,8 @@ import pytest
 
 from bench.common import process_tree
 from serving import BASELINE, PC, Server
+
+pytestmark = pytest.mark.server
 
 BASE, PCM = "shakespeare-char", "shakespeare-char-pc"
 
@@ -91,7 +93,7 @@ def test_a_killed_engine_process_fails_its_requests_and_readiness(server):
         errors = [e for e in rest if isinstance(e, dict) and "error" in e]
         assert errors and "engine failure" in errors[0]["error"]["message"], rest[-3:]
         assert rest[-1] == "[DONE]"
-        assert wait_for(lambda: c.get("/ready").status_code == 503, 5)
+        assert wait_for(lambda: c.get("/ready").status_code == 503, 30)
         status = c.get("/ready").json()
         assert status["models"][BASE].startswith("dead: engine process exited (code -9)"), status
         assert status["models"][PCM] == "running"
@@ -122,9 +124,9 @@ def test_engine_processes_end_with_the_server(tmp_path):
     with Server({BASE: BASELINE}, log_path=tmp_path / "a.log") as s:
         (engine,) = engine_pids(s)
         assert s.terminate(timeout=30) == 0
-        assert wait_for(lambda: not alive(engine), 10), "the engine outlived a SIGTERM'd server"
+        assert wait_for(lambda: not alive(engine), 30), "the engine outlived a SIGTERM'd server"
     with Server({BASE: BASELINE}, log_path=tmp_path / "b.log") as s:
         (engine,) = engine_pids(s)
         s.proc.kill()  # no chance to clean up: the engine sees its pipe close
         s.proc.wait(10)
-        assert wait_for(lambda: not alive(engine), 10), "the engine outlived a killed server"
+        assert wait_for(lambda: not alive(engine), 30), "the engine outlived a killed server"

@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tests.serving import Server, snapshot_baseline
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.server]
 
 CHAR = "shakespeare-char"
 BPE = "gpt2-tiny"

@@ -1,5 +1,7 @@
 """Overload, disconnects, soak and faults against real `pcgpt serve` processes (loopback), with the
 functions of bench/reliability.py at small sizes; RELIABILITY.md has full-size runs and their figures.
+The tests check outcomes (counts, statuses, texts, gauges), never how fast they came; waits are
+hang guards.
 
 Each run returns its figures and a list of problems: empty means every promise held. Every run is
 bounded in requests and time.
@@ -10,7 +12,7 @@ import pytest
 
 from bench import reliability as rel
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.server]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def show(name, figures):
 
 
 def test_overload_refuses_the_excess_at_once_and_loses_nothing(server):
-    figures = rel.run_overload(server, requests=100, waves=2, max_tokens=64)
+    figures = rel.run_overload(server, requests=100, waves=2, max_tokens=64, max_429_p95_s=None)
     show("overload", figures)
     assert figures["problems"] == []
     assert figures["accepted"] >= 2 * (rel.BATCH + rel.QUEUE) and figures["rejected_429"] >= 100

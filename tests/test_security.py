@@ -79,6 +79,7 @@ def test_every_route_but_the_open_ones_needs_the_key(monkeypatch):
             assert client.get(path).status_code == 200
 
 
+@pytest.mark.server
 def test_key_checked_before_anything_about_the_request(server):
     """Without the key, nothing about models or the request leaks: an unknown model, a streamed
     request and a model lookup all get the same 401."""
@@ -118,6 +119,7 @@ def test_cors_closed_by_default(monkeypatch):
             assert "access-control-allow-origin" not in r.headers, (path, r.headers)
 
 
+@pytest.mark.server
 def test_cors_open_only_for_the_configured_origin(server):
     r = preflight(server.url, ALLOWED)
     assert r.status_code == 200, r.text
@@ -137,6 +139,7 @@ def test_cors_open_only_for_the_configured_origin(server):
 
 # --- sizes ---------------------------------------------------------------------------------------------
 
+@pytest.mark.server
 def test_prompt_size_limit(server):
     url = server.url + "/v1/completions"
 
@@ -161,6 +164,7 @@ def test_prompt_size_limit(server):
 
 # --- pickles --------------------------------------------------------------------------------------------
 
+@pytest.mark.server
 def test_serve_never_runs_a_pickle(ckpt, tmp_path):
     """`pcgpt serve` on every file it may read that could hold a pickle: a nanoGPT ckpt.pt, the
     meta.pkl beside one, an HF pytorch_model.bin. Each holds code that would write a marker file."""

@@ -13,6 +13,7 @@ schemas (tests/data/openai-schemas.json, a copy of ../shared/data/openai-openapi
 import asyncio
 import json
 import math
+import re
 import statistics
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,8 @@ import pytest
 
 from tests import serving
 from tests.serving import PCGPT, Server, make_pc_checkpoint
+
+pytestmark = pytest.mark.server
 
 SCHEMAS = json.loads((Path(__file__).parent / "data" / "openai-schemas.json").read_text())
 LN2 = math.log(2)
@@ -308,6 +311,30 @@ def test_models_list(client, base_path):
         assert m["kv_cache_bytes_per_token"] in (2 * config["n_layer"] * config["n_embd"] * b for b in (2, 4))
     assert 800_000 < base["parameters"] < pc["parameters"]  # the PC model adds its generators
     assert pc["max_settle_steps"] >= 4
+
+
+def test_model_card_is_what_inspect_prints(server, http):
+    """/v1/models, `pcgpt inspect` and the pcgpt_model info metric describe a model with one
+    function (pcgpt.model.card.describe): the same fields, the same numbers; `parameters` is the
+    loaded model's parameters() total (the tied embedding once)."""
+    from pcgpt.model.checkpoint import load_checkpoint
+    paths = dict(spec.split("=", 1) for flag, spec in zip(server.args, server.args[1:]) if flag == "--model")
+    assert set(paths) == {"base", "pc"}
+    info_lines = [line for line in http.get("/metrics").text.splitlines() if line.startswith("pcgpt_model_info{")]
+    for name, path in paths.items():
+        card = http.get(f"/v1/models/{name}").json()
+        r = subprocess.run([PCGPT, "inspect", path, "--json"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        inspected = json.loads(r.stdout)
+        shared = set(inspected) - {"training", "eval"}  # the training history stays with inspect
+        assert {k: card.get(k) for k in shared} == {k: inspected[k] for k in shared}, name
+        model, _, _ = load_checkpoint(path)
+        assert card["parameters"] == sum(p.numel() for p in model.parameters())
+        (line,) = [line for line in info_lines if f'model="{name}"' in line]
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        for key in ("model_type", "parameters", "context_length", "kv_cache_bytes_per_token", "flops_per_token",
+                    "max_batch_size"):
+            assert labels[key] == str(card[key]), (name, key)
 
 
 # --- continuous batching -------------------------------------------------------------------------------

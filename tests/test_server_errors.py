@@ -1,7 +1,8 @@
 """Every invalid request gets its 4xx in OpenAI's error shape, never a 500; limits, auth,
 back-pressure, cancellation and shutdown behave (real `pcgpt serve` processes on loopback).
 
-Every wait below is bounded in count and in time, so a regression fails instead of hanging.
+Every wait below is bounded in count and in time, so a regression fails instead of hanging; no
+test asserts how fast anything answers (timing belongs in bench/).
 """
 
 import json
@@ -15,7 +16,10 @@ import pytest
 
 from tests.serving import PCGPT, Server, free_port, snapshot_baseline
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.server]
+# Waits and client timeouts are hang guards, not speed claims: long enough for a loaded machine,
+# short enough that a hang fails the test.
+HANG_GUARD_S = 60
 
 BASE = "shakespeare-char"
 PCM = "shakespeare-char-pc"
@@ -168,7 +172,7 @@ COMPLETION_400 = [
 
 @pytest.mark.parametrize("body,param,fragment", [c[1:] for c in COMPLETION_400], ids=[c[0] for c in COMPLETION_400])
 def test_completion_400(server, body, param, fragment):
-    r = httpx.post(server.url + "/v1/completions", json=body, timeout=10)
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=HANG_GUARD_S)
     assert_error(r, 400, param=param, type_="invalid_request_error", contains=fragment)
 
 
@@ -198,7 +202,7 @@ CHAT_400 = [
 
 @pytest.mark.parametrize("body,param,fragment", [c[1:] for c in CHAT_400], ids=[c[0] for c in CHAT_400])
 def test_chat_400(server, body, param, fragment):
-    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=10)
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=HANG_GUARD_S)
     assert_error(r, 400, param=param, type_="invalid_request_error", contains=fragment)
 
 
@@ -229,34 +233,34 @@ def test_raw_body_400(server, route, raw, ctype, param):
     raw = raw.replace(b"%s", BASE.encode())
     if route == "/v1/chat/completions":
         raw = raw.replace(b'"prompt": "a"', b'"messages": [{"role": "user", "content": "a"}]')
-    r = httpx.post(server.url + route, content=raw, headers={"Content-Type": ctype}, timeout=10)
+    r = httpx.post(server.url + route, content=raw, headers={"Content-Type": ctype}, timeout=HANG_GUARD_S)
     assert_error(r, 400, param=param, type_="invalid_request_error")
 
 
 def test_context_length_exceeded_and_truncation(server):
     url = server.url + "/v1/completions"
     long_prompt = "To be, or not to be, that is the question. " * 6  # 264 characters
-    r = httpx.post(url, json=completion(prompt=long_prompt[:250], max_tokens=16), timeout=10)
+    r = httpx.post(url, json=completion(prompt=long_prompt[:250], max_tokens=16), timeout=HANG_GUARD_S)
     err = assert_error(r, 400, param="prompt", code="context_length_exceeded")
     assert "250" in err["message"] and "256" in err["message"], err
-    r = httpx.post(url, json=completion(prompt=long_prompt, max_tokens=1), timeout=10)  # the prompt alone
+    r = httpx.post(url, json=completion(prompt=long_prompt, max_tokens=1), timeout=HANG_GUARD_S)  # the prompt alone
     assert_error(r, 400, param="prompt", code="context_length_exceeded")
-    r = httpx.post(url, json=completion(prompt=list(range(1, 60)) * 5, max_tokens=1), timeout=10)  # token ids
+    r = httpx.post(url, json=completion(prompt=list(range(1, 60)) * 5, max_tokens=1), timeout=HANG_GUARD_S)  # token ids
     assert_error(r, 400, param="prompt", code="context_length_exceeded")
     # truncate_prompt_tokens keeps the prompt's end and makes room for max_tokens
-    r = httpx.post(url, json=completion(prompt=long_prompt, max_tokens=16, truncate_prompt_tokens=250), timeout=30)
+    r = httpx.post(url, json=completion(prompt=long_prompt, max_tokens=16, truncate_prompt_tokens=250), timeout=HANG_GUARD_S)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["usage"]["prompt_tokens"] == CONTEXT - 16
     assert body["usage"]["completion_tokens"] <= 16
-    r = httpx.post(url, json=completion(prompt=long_prompt, max_tokens=4, truncate_prompt_tokens=10), timeout=30)
+    r = httpx.post(url, json=completion(prompt=long_prompt, max_tokens=4, truncate_prompt_tokens=10), timeout=HANG_GUARD_S)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens"] == 10
 
 
 def test_echo_with_zero_max_tokens_scores_the_prompt(server):
     r = httpx.post(server.url + "/v1/completions",
-                   json=completion(prompt="ROMEO:", max_tokens=0, echo=True, logprobs=2), timeout=10)
+                   json=completion(prompt="ROMEO:", max_tokens=0, echo=True, logprobs=2), timeout=HANG_GUARD_S)
     assert r.status_code == 200, r.text
     body = r.json()
     choice = body["choices"][0]
@@ -277,9 +281,9 @@ def test_boundary_values_are_accepted(server):
                  completion(logprobs=20), completion(stop=[f"{i}#" for i in range(16)]),
                  completion(prompt="a" * (CONTEXT - 4), max_tokens=4), completion(model=PCM, settle_steps=16, max_tokens=1),
                  completion(settle_steps=0), completion(seed=2 ** 64 - 1), completion(prompt=[[1, 2], [3]])):
-        r = httpx.post(url, json=body, timeout=30)
+        r = httpx.post(url, json=body, timeout=HANG_GUARD_S)
         assert r.status_code == 200, (body, r.text)
-    r = httpx.post(server.url + "/v1/chat/completions", json=chat(logprobs=True, top_logprobs=20), timeout=30)
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat(logprobs=True, top_logprobs=20), timeout=HANG_GUARD_S)
     assert r.status_code == 200, r.text
 
 
@@ -287,42 +291,42 @@ def test_boundary_values_are_accepted(server):
 
 def test_unknown_model_404(server):
     for route, body in (("/v1/completions", completion(model="gpt-4")), ("/v1/chat/completions", chat(model="gpt-4"))):
-        r = httpx.post(server.url + route, json=body, timeout=10)
+        r = httpx.post(server.url + route, json=body, timeout=HANG_GUARD_S)
         err = assert_error(r, 404, param="model", code="model_not_found")
         assert "gpt-4" in err["message"]
         # the stream flag does not change that: the error comes before any stream starts
-        r = httpx.post(server.url + route, json={**body, "stream": True}, timeout=10)
+        r = httpx.post(server.url + route, json={**body, "stream": True}, timeout=HANG_GUARD_S)
         assert_error(r, 404, param="model", code="model_not_found")
-    r = httpx.get(server.url + "/v1/models/gpt-4", timeout=10)
+    r = httpx.get(server.url + "/v1/models/gpt-4", timeout=HANG_GUARD_S)
     assert_error(r, 404, param="model", code="model_not_found")
 
 
 def test_unknown_route_and_method(server):
     for path in ("/v1/nothing", "/v2/completions", "/v1/completions/extra", "/"):
-        r = httpx.get(server.url + path, timeout=10)
+        r = httpx.get(server.url + path, timeout=HANG_GUARD_S)
         assert_error(r, 404)
-        r = httpx.post(server.url + path, json={}, timeout=10)
+        r = httpx.post(server.url + path, json={}, timeout=HANG_GUARD_S)
         assert_error(r, 404)
-    r = httpx.get(server.url + "/v1/completions", timeout=10)
+    r = httpx.get(server.url + "/v1/completions", timeout=HANG_GUARD_S)
     assert 400 <= r.status_code < 500
     assert_error(r, r.status_code)
-    r = httpx.delete(server.url + "/v1/models", timeout=10)
+    r = httpx.delete(server.url + "/v1/models", timeout=HANG_GUARD_S)
     assert 400 <= r.status_code < 500
     assert_error(r, r.status_code)
 
 
 def test_no_500_was_counted(server):
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+    text = httpx.get(server.url + "/metrics", timeout=HANG_GUARD_S).text
     assert server.metric("pcgpt_request_errors_total", {"type": "server_error"}) == 0, text
 
 
 # --- readiness ---------------------------------------------------------------------------------
 
 def test_ready_reports_both_engines_running(server):
-    r = httpx.get(server.url + "/ready", timeout=5)
+    r = httpx.get(server.url + "/ready", timeout=HANG_GUARD_S)
     assert r.status_code == 200
     assert r.json() == {"status": "ready", "models": {BASE: "running", PCM: "running"}}
-    assert httpx.get(server.url + "/health", timeout=5).json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health", timeout=HANG_GUARD_S).json() == {"status": "ok"}
 
 
 # --- 413 ---------------------------------------------------------------------------------------
@@ -330,7 +334,7 @@ def test_ready_reports_both_engines_running(server):
 def test_body_too_large_413(limited):
     url = limited.url + "/v1/completions"
     big = completion(prompt="a" * 5000)
-    r = httpx.post(url, json=big, timeout=10)  # with Content-Length
+    r = httpx.post(url, json=big, timeout=HANG_GUARD_S)  # with Content-Length
     assert_error(r, 413, code="request_too_large", contains="4096")
 
     def chunks():  # no Content-Length: chunked transfer encoding
@@ -338,7 +342,7 @@ def test_body_too_large_413(limited):
         for i in range(0, len(data), 1000):
             yield data[i:i + 1000]
 
-    with httpx.Client(timeout=10) as client:
+    with httpx.Client(timeout=HANG_GUARD_S) as client:
         try:
             r = client.post(url, content=chunks(), headers={"Content-Type": "application/json"})
         except httpx.WriteError:  # the server may answer and close before the client sent it all
@@ -352,9 +356,9 @@ def test_body_too_large_413(limited):
             yield data[i:i + 10]
 
     # a body under the limit still works, chunked or not
-    r = httpx.post(url, content=small_chunks(), headers={"Content-Type": "application/json"}, timeout=30)
+    r = httpx.post(url, content=small_chunks(), headers={"Content-Type": "application/json"}, timeout=HANG_GUARD_S)
     assert r.status_code == 200, r.text
-    r = httpx.post(url, json=completion(prompt="a" * 3000, max_tokens=1), timeout=30)  # 400 (context), not 413
+    r = httpx.post(url, json=completion(prompt="a" * 3000, max_tokens=1), timeout=HANG_GUARD_S)  # 400 (context), not 413
     assert_error(r, 400, code="context_length_exceeded")
 
 
@@ -367,29 +371,31 @@ def _open_stream(client, body):
     return cm, response
 
 
+# Requests that hold their slot for the length of a test: the most tokens and settle steps the
+# PC model takes, so that even a fast machine is still generating them when the test looks.
+LONG = {"model": PCM, "prompt": "ROMEO:", "max_tokens": CONTEXT - 16, "ignore_eos": True, "settle_steps": 16}
+
+
 def test_queue_full_429_and_health_under_load(limited):
-    long_ = {"model": PCM, "prompt": "ROMEO:", "max_tokens": 200, "ignore_eos": True}
-    with httpx.Client(base_url=limited.url, timeout=30) as c1, httpx.Client(base_url=limited.url, timeout=30) as c2:
+    long_ = LONG
+    with httpx.Client(base_url=limited.url, timeout=HANG_GUARD_S) as c1, \
+            httpx.Client(base_url=limited.url, timeout=HANG_GUARD_S) as c2:
         cm1, s1 = _open_stream(c1, long_)  # takes the one slot
         lines1 = s1.iter_lines()
         first = next(e for e in sse_events(lines1) if e != "[DONE]")
         assert first["choices"][0]["finish_reason"] is None
         cm2, s2 = _open_stream(c2, {**long_, "settle_steps": 0})  # takes the one queue place
         try:
-            t = time.perf_counter()
-            r = httpx.post(limited.url + "/v1/completions", json=completion(model=PCM), timeout=10)
-            elapsed = time.perf_counter() - t
+            # refused, not queued: the answer comes while both long requests still hold their places
+            r = httpx.post(limited.url + "/v1/completions", json=completion(model=PCM), timeout=HANG_GUARD_S)
             assert_error(r, 429, type_="rate_limit_error", code="queue_full")
-            assert elapsed < 0.5, elapsed
-            r = httpx.post(limited.url + "/v1/chat/completions", json=chat(model=PCM, stream=True), timeout=10)
+            r = httpx.post(limited.url + "/v1/chat/completions", json=chat(model=PCM, stream=True), timeout=HANG_GUARD_S)
             assert_error(r, 429, type_="rate_limit_error")
             # the other model has its own engine and queue
-            assert httpx.post(limited.url + "/v1/completions", json=completion(), timeout=30).status_code == 200
-            # /health and /metrics answer at once while the batch is busy
+            assert httpx.post(limited.url + "/v1/completions", json=completion(), timeout=HANG_GUARD_S).status_code == 200
+            # /health answers while the batch is busy: the long requests still run and wait afterwards
             for _ in range(5):
-                t = time.perf_counter()
-                h = httpx.get(limited.url + "/health", timeout=5)
-                assert h.status_code == 200 and time.perf_counter() - t < 0.5
+                assert httpx.get(limited.url + "/health", timeout=HANG_GUARD_S).status_code == 200
             assert limited.metric("pcgpt_num_requests_running", {"model": PCM}) == 1
             assert limited.metric("pcgpt_num_requests_waiting", {"model": PCM}) == 1
             # both long requests still finish in full
@@ -401,42 +407,43 @@ def test_queue_full_429_and_health_under_load(limited):
             cm2.__exit__(None, None, None)
             cm1.__exit__(None, None, None)
     # afterwards the queue takes requests again
-    r = httpx.post(limited.url + "/v1/completions", json=completion(model=PCM), timeout=30)
+    r = httpx.post(limited.url + "/v1/completions", json=completion(model=PCM), timeout=HANG_GUARD_S)
     assert r.status_code == 200, r.text
 
 
 def test_disconnected_stream_frees_its_slot(limited):
-    labels = {"model": PCM, "finish_reason": "cancelled"}
-    before = limited.metric("pcgpt_requests_total", labels)
-    body = {"model": PCM, "prompt": "ROMEO:", "max_tokens": 200, "ignore_eos": True, "settle_steps": 2}
-    with httpx.Client(base_url=limited.url, timeout=30) as client:
+    cancelled = {"model": PCM, "finish_reason": "cancelled"}
+    finished = {"model": PCM, "finish_reason": "length"}
+    before = limited.metric("pcgpt_requests_total", cancelled), limited.metric("pcgpt_requests_total", finished)
+    body = LONG
+    with httpx.Client(base_url=limited.url, timeout=HANG_GUARD_S) as client:
         cm, s = _open_stream(client, body)
         events = sse_events(s.iter_lines())
         for _ in range(2):
             assert next(events) != "[DONE]"
         assert limited.metric("pcgpt_num_requests_running", {"model": PCM}) == 1
         cm.__exit__(None, None, None)  # the client goes away mid-stream
-    t = time.perf_counter()
-    assert wait_for(lambda: limited.metric("pcgpt_num_requests_running", {"model": PCM}) == 0, 3.0)
-    assert time.perf_counter() - t < 1.0  # 200 tokens at 2 settle steps take several seconds
-    assert wait_for(lambda: limited.metric("pcgpt_requests_total", labels) == before + 1, 2.0)
-    # the freed slot admits a new request promptly
-    t = time.perf_counter()
-    r = httpx.post(limited.url + "/v1/completions", json=completion(model=PCM, max_tokens=2), timeout=10)
+    # the slot is freed by cancelling the request, not by its running to the end
+    assert wait_for(lambda: limited.metric("pcgpt_num_requests_running", {"model": PCM}) == 0, HANG_GUARD_S)
+    assert wait_for(lambda: limited.metric("pcgpt_requests_total", cancelled) == before[0] + 1, HANG_GUARD_S)
+    assert limited.metric("pcgpt_requests_total", finished) == before[1]
+    # the freed slot admits a new request
+    r = httpx.post(limited.url + "/v1/completions", json=completion(model=PCM, max_tokens=2), timeout=HANG_GUARD_S)
     assert r.status_code == 200, r.text
-    assert time.perf_counter() - t < 1.5
 
 
 def test_client_timeout_cancels_a_non_streamed_request(limited):
-    labels = {"model": PCM, "finish_reason": "cancelled"}
-    before = limited.metric("pcgpt_requests_total", labels)
-    body = {"model": PCM, "prompt": "ROMEO:", "max_tokens": 200, "ignore_eos": True, "settle_steps": 4}
+    cancelled = {"model": PCM, "finish_reason": "cancelled"}
+    finished = {"model": PCM, "finish_reason": "length"}
+    before = limited.metric("pcgpt_requests_total", cancelled), limited.metric("pcgpt_requests_total", finished)
+    body = LONG
     with pytest.raises(httpx.TimeoutException):
         httpx.post(limited.url + "/v1/completions", json=body, timeout=0.5)
-    # far sooner than the several seconds the request would take to finish
-    assert wait_for(lambda: limited.metric("pcgpt_requests_total", labels) == before + 1, 2.5)
-    assert wait_for(lambda: limited.metric("pcgpt_num_requests_running", {"model": PCM}) == 0, 1.0)
-    r = httpx.post(limited.url + "/v1/completions", json=completion(model=PCM, max_tokens=2), timeout=10)
+    # cancelled when the client left, not run to its end
+    assert wait_for(lambda: limited.metric("pcgpt_requests_total", cancelled) == before[0] + 1, HANG_GUARD_S)
+    assert wait_for(lambda: limited.metric("pcgpt_num_requests_running", {"model": PCM}) == 0, HANG_GUARD_S)
+    assert limited.metric("pcgpt_requests_total", finished) == before[1]
+    r = httpx.post(limited.url + "/v1/completions", json=completion(model=PCM, max_tokens=2), timeout=HANG_GUARD_S)
     assert r.status_code == 200, r.text
 
 
@@ -449,7 +456,7 @@ def test_api_key(ckpts, tmp_path):
         bad_headers = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer secretx"},
                        {"Authorization": "Bearer"}, {"Authorization": "Basic secret"}, {"Authorization": "secret"},
                        {"Authorization": "Token secret"}, {"X-API-Key": "secret"}]
-        with httpx.Client(base_url=s.url, timeout=30) as client:
+        with httpx.Client(base_url=s.url, timeout=HANG_GUARD_S) as client:
             for method, path, body in calls:
                 for headers in bad_headers:
                     r = client.request(method, path, json=body, headers=headers)
@@ -468,10 +475,10 @@ def test_api_key(ckpts, tmp_path):
             assert client.get("/metrics").status_code == 200
 
         import openai
-        bad = openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0, timeout=10)
+        bad = openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0, timeout=HANG_GUARD_S)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
-        good = openai.OpenAI(base_url=s.url + "/v1", api_key="secret", max_retries=0, timeout=30)
+        good = openai.OpenAI(base_url=s.url + "/v1", api_key="secret", max_retries=0, timeout=HANG_GUARD_S)
         assert [m.id for m in good.models.list().data] == [BASE]
 
 
@@ -482,7 +489,7 @@ def test_sigterm_drains_the_running_stream_and_exits_0(ckpts, tmp_path):
     with s:
         body = {"model": PCM, "prompt": "ROMEO:", "max_tokens": 150, "ignore_eos": True, "settle_steps": 2,
                 "stream": True, "stream_options": {"include_usage": True}}
-        with httpx.Client(base_url=s.url, timeout=30) as client, client.stream("POST", "/v1/completions", json=body) as r:
+        with httpx.Client(base_url=s.url, timeout=HANG_GUARD_S) as client, client.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             events = sse_events(r.iter_lines())
             got = [next(events) for _ in range(3)]
@@ -490,14 +497,13 @@ def test_sigterm_drains_the_running_stream_and_exits_0(ckpts, tmp_path):
             # new connections are refused while the running request drains
             def refused():
                 try:
-                    httpx.get(s.url + "/health", timeout=0.5)
+                    httpx.get(s.url + "/health", timeout=5)
                     return False
                 except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
                     # refused outright, or accepted into the closing listener's backlog and reset
                     return True
-            assert wait_for(refused, 2.0, 0.05), "the server still accepts connections after SIGTERM"
-            assert s.proc.poll() is None, "the server exited before the stream finished"
-            got += list(events)
+            assert wait_for(refused, HANG_GUARD_S, 0.05), "the server still accepts connections after SIGTERM"
+            got += list(events)  # the running stream goes on to its end (checked below)
         assert got[-1] == "[DONE]"
         chunks = [e for e in got[:-1] if e["choices"]]
         text = "".join(c["choices"][0]["text"] for c in chunks)
@@ -505,7 +511,7 @@ def test_sigterm_drains_the_running_stream_and_exits_0(ckpts, tmp_path):
         usage = got[-2]["usage"]
         assert usage["completion_tokens"] == 150, usage
         assert len(text) == 150  # char model: one character per token
-        code = s.terminate(timeout=30) if s.proc.poll() is None else s.proc.wait(timeout=30)
+        code = s.terminate(timeout=HANG_GUARD_S) if s.proc.poll() is None else s.proc.wait(timeout=HANG_GUARD_S)
         assert code == 0, s.read_log()
     assert "Traceback" not in s.read_log()
     with pytest.raises(httpx.ConnectError):

@@ -7,14 +7,23 @@ Formats are told apart by content, never by file name alone (DESIGN.md §2):
   - HuggingFace GPT-2 directory: config.json with model_type "gpt2" + model.safetensors or
     pytorch_model.bin
 
+Two ways in:
+  - read_checkpoint_info: what a checkpoint is (format, model type, config, tokenizer, metadata),
+    without reading a weight. The weight file's tensor names and shapes are checked against the
+    model the config builds, from the safetensors header or a torch.load that maps the file
+    instead of reading it. The HTTP server reads this; each engine process loads the weights.
+  - load_checkpoint: the same, then the model built and its weights loaded.
+
 Every failure is a CheckpointError whose message names the file and what is wrong.
 """
 
+import contextlib
 import json
 import os
 import pickle
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,17 +77,67 @@ def detect_format(path: str | os.PathLike) -> str:
     raise CheckpointError(f"{path}: unknown checkpoint format (not a directory, torch.save archive or pickle)")
 
 
+@dataclass
+class CheckpointInfo:
+    """A checkpoint described without its weights: enough to tokenize for it, check requests
+    against it and describe it (pcgpt.model.card)."""
+
+    path: str
+    format: str  # 'pcgpt', 'nanogpt' or 'hf-gpt2'
+    model_type: str  # 'gpt' or 'pc'
+    config: GPTConfig  # a PCConfig for a PC model
+    tokenizer: object  # CharTokenizer or GPT2Tokenizer
+    metadata: dict  # format, path, and the checkpoint's own entries (training, eval, sampler, ...)
+
+    @classmethod
+    def of(cls, model, tokenizer, metadata: dict) -> "CheckpointInfo":
+        """The info of a model already loaded (load_checkpoint's three results)."""
+        return cls(path=str(metadata.get("path", "")), format=str(metadata.get("format", "")),
+                   model_type=model.model_type, config=model.config, tokenizer=tokenizer, metadata=metadata)
+
+
+def read_checkpoint_info(path, meta_path=None) -> CheckpointInfo:
+    """The checkpoint's format, model type, config, tokenizer and metadata, and its weight file's
+    tensor names and shapes checked, without reading a weight (see the module docstring)."""
+    info, weights, index = _read(Path(path), meta_path, _read_weight_index)
+    _check_state(weights, build_model(info.model_type, info.config, device="meta").state_dict(), index)
+    return info
+
+
 def load_checkpoint(path, meta_path=None, device="cpu", dtype=None):
     """Returns (model, tokenizer, metadata); the model is in eval mode on `device`."""
-    fmt = detect_format(path)
-    loader = {"pcgpt": _load_pcgpt, "nanogpt": _load_nanogpt, "hf-gpt2": _load_hf_gpt2}[fmt]
-    model, tokenizer, metadata = loader(Path(path), meta_path)
-    metadata = {"format": fmt, "path": str(path), **metadata}
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                              f"{model.config.vocab_size}")
+    info, weights, state = _read(Path(path), meta_path, _read_weights)
+    model = build_model(info.model_type, info.config)
+    _load_state(weights, model, state)
     model.to(device=device, dtype=dtype or torch.float32).eval()
-    return model, tokenizer, metadata
+    return model, info.tokenizer, info.metadata
+
+
+def build_model(model_type: str, config, device=None):
+    """The model class for model_type, built from config. On the meta device (shapes, no memory,
+    for describing and checking a checkpoint) its initialisers are skipped: the first initialiser
+    run on a meta tensor imports PyTorch's Python meta kernels (sympy and ~800 modules, about a
+    second and 60 MB) to produce values a meta tensor does not hold anyway."""
+    _, model_cls = model_classes()[model_type]
+    if device is None:
+        return model_cls(config)
+    with torch.device(device), (_initialisers_skipped() if torch.device(device).type == "meta" else contextlib.nullcontext()):
+        return model_cls(config)
+
+
+@contextlib.contextmanager
+def _initialisers_skipped():
+    """torch.nn.init's in-place initialisers as no-ops, for the duration (process-wide: used while
+    building a meta model only)."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
 
 
 def load_for_inference(path, meta_path=None, device="cpu", dtype=None):
@@ -127,25 +186,40 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _build(path: Path, model_type: str, model_args: dict):
+def _read(path: Path, meta_path, read_weights):
+    """(info, weight file, state) for any format; read_weights(file) gives the file's tensors: the
+    data (_read_weights) or their names and shapes only (_read_weight_index)."""
+    fmt = detect_format(path)
+    reader = {"pcgpt": _read_pcgpt, "nanogpt": _read_nanogpt, "hf-gpt2": _read_hf_gpt2}[fmt]
+    model_type, config, tokenizer, metadata, weights, state = reader(path, meta_path, read_weights)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{config.vocab_size}")
+    metadata = {"format": fmt, "path": str(path), **metadata}
+    return CheckpointInfo(str(path), fmt, model_type, config, tokenizer, metadata), weights, state
+
+
+def _model_config(path: Path, model_type: str, model_args: dict):
+    """The validated config for model_type from model_args (a model is built from it on the meta
+    device, so arguments the model's constructor rejects fail here too)."""
     classes = model_classes()
     if model_type not in classes:
         raise CheckpointError(f"{path}: unknown model_type {model_type!r}; this server knows {sorted(classes)}")
-    config_cls, model_cls = classes[model_type]
+    config_cls, _ = classes[model_type]
     if not isinstance(model_args, dict):
         raise CheckpointError(f"{path}: model_args must be an object, found {type(model_args).__name__}")
     try:
         config = config_cls.from_dict(model_args)
         if config.n_embd % config.n_head:
             raise ValueError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
-        return model_cls(config)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        build_model(model_type, config, device="meta")
+        return config
+    except (TypeError, ValueError, AssertionError, RuntimeError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path}: invalid model arguments {model_args} ({e})") from None
 
 
-def _load_state(path: Path, model, state: dict) -> None:
-    """Copies `state` into the model, naming every missing, unexpected or misshapen tensor."""
-    expected = model.state_dict()
+def _check_state(path: Path, expected: dict, state: dict) -> None:
+    """Names every missing, unexpected or misshapen tensor of `state` against the model's state_dict."""
     tied = "lm_head.weight"
     missing = [k for k in expected if k not in state and k != tied]
     unexpected = [k for k in state if k not in expected]
@@ -161,6 +235,12 @@ def _load_state(path: Path, model, state: dict) -> None:
             problems.append(f"tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
+
+
+def _load_state(path: Path, model, state: dict) -> None:
+    """Copies `state` into the model, after _check_state."""
+    _check_state(path, model.state_dict(), state)
+    tied = "lm_head.weight"
     if tied not in state:
         state = {**state, tied: state["transformer.wte.weight"]}
     if not torch.equal(state[tied], state["transformer.wte.weight"]):
@@ -169,7 +249,14 @@ def _load_state(path: Path, model, state: dict) -> None:
         model.load_state_dict(state, strict=True)
 
 
-def _read_safetensors(path: Path) -> dict:
+def _is_safetensors(path: Path) -> bool:
+    return path.suffix == ".safetensors"
+
+
+def _read_weights(path: Path) -> dict:
+    """Every tensor of a weight file (model.safetensors, or a torch.save'd state dict)."""
+    if not _is_safetensors(path):
+        return _torch_load(path)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
@@ -178,10 +265,27 @@ def _read_safetensors(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
 
 
-def _torch_load(path: Path):
-    """torch.load that never runs code from the file."""
+def _read_weight_index(path: Path) -> dict:
+    """A weight file's tensors as names and shapes, no data read: meta tensors from the
+    safetensors header (which safetensors checks against the file's length), or a torch.load
+    that maps the file (what it holds besides tensors is unpickled, under weights_only)."""
+    if not _is_safetensors(path):
+        return _torch_load(path)
+    from safetensors import SafetensorError, safe_open
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with safe_open(str(path), framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+
+
+def _torch_load(path: Path):
+    """torch.load that never runs code from the file. A zip archive (what torch.save writes) is
+    mapped, not read: its tensors are read when used."""
+    try:
+        with open(path, "rb") as f:
+            mmap = f.read(4) == b"PK\x03\x04"
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch's message is a long advice text; the line that names the offending global is the useful one
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -193,7 +297,7 @@ def _torch_load(path: Path):
         raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
 
 
-def _load_pcgpt(path: Path, meta_path):
+def _read_pcgpt(path: Path, meta_path, read_weights):
     config = _read_json(path / "config.json")
     weights = path / "model.safetensors"
     if not weights.is_file():
@@ -205,29 +309,29 @@ def _load_pcgpt(path: Path, meta_path):
         tokenizer = tokenizer_from_spec(config["tokenizer"])
     except TokenizerError as e:
         raise CheckpointError(f"{path / 'config.json'}: bad tokenizer spec ({e})") from None
-    model = _build(path / "config.json", config["model_type"], config["model_args"])
-    _load_state(weights, model, _read_safetensors(weights))
+    model_config = _model_config(path / "config.json", config["model_type"], config["model_args"])
     metadata = {k: v for k, v in config.items() if k not in ("model_args", "tokenizer")}
-    return model, tokenizer, metadata
+    return config["model_type"], model_config, tokenizer, metadata, weights, read_weights(weights)
 
 
-def _load_nanogpt(path: Path, meta_path):
-    ckpt = _torch_load(path)
+def _read_nanogpt(path: Path, meta_path, read_weights):
+    ckpt = _torch_load(path)  # the config lives in the weight file: mapped, the tensors stay unread
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not a nanoGPT checkpoint (expected a dict with 'model' and 'model_args', found {keys})")
-    model = _build(path, "gpt", ckpt["model_args"])
+    config = _model_config(path, "gpt", ckpt["model_args"])
+    if not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: 'model' is a {type(ckpt['model']).__name__}, not a state dict")
     # torch.compile'd models save their parameters under _orig_mod.
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     state = {k: v for k, v in state.items() if not k.endswith(".attn.bias")}  # nanoGPT's causal-mask buffer
-    _load_state(path, model, state)
-    tokenizer = _nanogpt_tokenizer(path, meta_path, ckpt.get("config") or {})
     train_config = ckpt.get("config") or {}
+    tokenizer = _nanogpt_tokenizer(path, meta_path, train_config)
     metadata = {"model_type": "gpt",
                 "training": {"iter_num": _plain(ckpt.get("iter_num")),
                              "best_val_loss": _plain(ckpt.get("best_val_loss")),
                              "dataset": train_config.get("dataset") if isinstance(train_config, dict) else None}}
-    return model, tokenizer, metadata
+    return "gpt", config, tokenizer, metadata, path, state
 
 
 def _nanogpt_tokenizer(path: Path, meta_path, train_config: dict):
@@ -246,7 +350,7 @@ def _nanogpt_tokenizer(path: Path, meta_path, train_config: dict):
     return gpt2_tokenizer()
 
 
-def _load_hf_gpt2(path: Path, meta_path):
+def _read_hf_gpt2(path: Path, meta_path, read_weights):
     config = _read_json(path / "config.json")
     try:
         model_args = dict(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
@@ -258,22 +362,17 @@ def _load_hf_gpt2(path: Path, meta_path):
         raise CheckpointError(f"{path / 'config.json'}: activation {config['activation_function']!r} is not supported")
     if (eps := config.get("layer_norm_epsilon", 1e-5)) != 1e-5:
         raise CheckpointError(f"{path / 'config.json'}: layer_norm_epsilon {eps} is not supported (only 1e-5)")
-    if safetensors_path := next((p for p in [path / "model.safetensors"] if p.is_file()), None):
-        state = _read_safetensors(safetensors_path)
-        weights = safetensors_path
-    elif (weights := path / "pytorch_model.bin").is_file():
-        state = _torch_load(weights)
-    else:
+    weights = next((p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.is_file()), None)
+    if weights is None:
         raise CheckpointError(f"{path}: HF GPT-2 directory without model.safetensors or pytorch_model.bin")
-    model = _build(weights, "gpt", model_args)
+    model_config = _model_config(weights, "gpt", model_args)
     converted = {}
-    for k, v in state.items():
+    for k, v in read_weights(weights).items():
         if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
             continue  # HF's causal-mask buffers, not weights
         name = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k  # GPT2Model drops the prefix
-        converted[name] = v.t() if name.endswith(HF_TRANSPOSED) and v.ndim == 2 else v
-    _load_state(weights, model, converted)
-    return model, gpt2_tokenizer(), {"model_type": "gpt"}
+        converted[name] = v.t() if name.endswith(HF_TRANSPOSED) and getattr(v, "ndim", 0) == 2 else v
+    return "gpt", model_config, gpt2_tokenizer(), {"model_type": "gpt"}, weights, converted
 
 
 def _plain(value):

@@ -7,7 +7,8 @@ engine's tokens/s at 16 streaming clients. In a process of its own the engine ru
 while the event loop streams on another, as vLLM's V1 engine core does.
 
 Server side, RemoteEngine: what the HTTP service uses of an engine (submit, cancel, alive, dead,
-stop_admitting, shutdown, the model's description) plus its metrics, collected per scrape.
+stop_admitting, shutdown, the checkpoint's info: config, tokenizer, metadata, no weights) plus
+its metrics, collected per scrape.
 Engine side, engine_main: the model loaded from its checkpoint, an app.engine.Engine, and a
 thread reading the pipe.
 
@@ -35,21 +36,32 @@ COLLECT_TIMEOUT_S = 5  # an engine's metrics for one scrape
 MAX_MESSAGES_PER_WAKE = 32  # engine messages handled before the event loop gets a turn
 
 
-class RemoteEngine:
-    """The server's handle on one engine process. `model` is the loaded model moved to the meta
-    device: its config, type and parameter count describe it, it holds no weights here."""
+class EngineStartError(Exception):
+    """An engine process that did not come up (its checkpoint failed to load, or it died): the
+    message says which model and why, in one line."""
 
-    def __init__(self, name: str, path: str, model, tokenizer, *, device: str, dtype, threads: int,
+
+class RemoteEngine:
+    """The server's handle on one engine process. It holds the checkpoint's info (config,
+    tokenizer, metadata: pcgpt.model.checkpoint.read_checkpoint_info), never its weights.
+
+    start() then wait_ready() before the server runs (a model that fails to load stops the
+    server before it listens), then attach() on the server's event loop."""
+
+    def __init__(self, name: str, info, *, device: str, dtype: str, threads: int,
                  max_batch_size: int, max_queue: int, sampler_defaults: dict, stream_interval: int,
                  fault_injection: bool = False, log_level: str = "info"):
+        from pcgpt.model.device import resolve_device, resolve_dtype
         self.name = name
-        self.model = model.to("meta")
-        self.tokenizer = tokenizer
+        self.info = info
+        self.tokenizer = info.tokenizer
+        self.model_type = info.model_type
+        self.block_size = info.config.block_size
+        self.dtype = resolve_dtype(dtype, resolve_device(device))  # what the engine process will run in
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.sampler_defaults = sampler_defaults
-        self.block_size = model.config.block_size
-        self.spec = dict(name=name, path=path, device=device, dtype=dtype, threads=threads,
+        self.spec = dict(name=name, path=info.path, device=device, dtype=dtype, threads=threads,
                          max_batch_size=max_batch_size, max_queue=max_queue, sampler_defaults=sampler_defaults,
                          stream_interval=stream_interval, fault_injection=fault_injection, log_level=log_level)
         self.dead: str | None = None
@@ -75,20 +87,25 @@ class RemoteEngine:
         self.pid = self._proc.pid
 
     def wait_ready(self) -> None:
-        """Blocks until the engine process has loaded its model; raises with its reason if it failed.
-        Then its messages are read on the running event loop."""
+        """Blocks until the engine process has loaded its model; raises EngineStartError with its
+        reason if it failed (the process has ended then)."""
         if not self._conn.poll(START_TIMEOUT_S):
             self._proc.kill()
-            raise RuntimeError(f"engine process for {self.name!r} did not start within {START_TIMEOUT_S} s")
+            raise EngineStartError(f"model {self.name!r}: its engine process did not start within {START_TIMEOUT_S} s")
         try:
             message = self._conn.recv()
         except EOFError:
             self._proc.join(5)
-            raise RuntimeError(f"engine process for {self.name!r} exited with code {self._proc.exitcode} "
-                               "while loading") from None
+            raise EngineStartError(f"model {self.name!r}: its engine process exited with code "
+                                   f"{self._proc.exitcode} while loading {self.info.path}") from None
         if message[0] != "ready":
             self._proc.join(5)
-            raise RuntimeError(f"engine process for {self.name!r} failed: {message[1]}")
+            # the engine sends "<exception type>: <message>"; a CheckpointError's message names the file
+            why = str(message[1]).removeprefix("CheckpointError: ")
+            raise EngineStartError(f"model {self.name!r}: {why}")
+
+    def attach(self) -> None:
+        """From here on the engine's messages are read on the running event loop."""
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
         # uvloop (libuv) makes a watched descriptor non-blocking; a message read then could stop
@@ -106,7 +123,7 @@ class RemoteEngine:
     def shutdown(self, drain_seconds: float = 30.0) -> None:
         """Lets the engine drain for up to drain_seconds (it aborts what is left), then ends the process."""
         self._accepting = False
-        if self._proc is None:
+        if self._proc is None or self._conn.closed:
             return
         self._send(("shutdown", drain_seconds))
         self._proc.join(drain_seconds + 10)

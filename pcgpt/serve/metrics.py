@@ -19,7 +19,7 @@ BITS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16
 ENERGY_BUCKETS = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 100)
 FINISH_REASONS = ("stop", "length", "cancelled", "abort")
 ERROR_TYPES = ("invalid_request_error", "rate_limit_error", "server_error", "generation_error")
-# the series an engine writes, in its own process (app/engine_process.py): a scrape takes them from
+# the series an engine writes, in its own process (pcgpt/serve/engine_process.py): a scrape takes them from
 # the engines; the server process writes the rest (HTTP errors, its memory, the model info)
 ENGINE_SERIES = ("requests", "ttft", "itl", "e2e", "queue_time", "prompt_tokens", "generation_tokens", "running",
                  "waiting", "batch_size", "kv_usage", "kv_bytes", "device_memory", "settle_steps", "entropy",
@@ -65,8 +65,10 @@ class Metrics:
         self.errors.labels(model="none", type="invalid_request_error")  # requests for no loaded model
         self.engine_pids: list[int] = []  # engine processes, whose memory the process series add
 
-    def register_model(self, name: str, info: dict) -> None:
-        self.model_info.labels(model=name).info({k: str(v) for k, v in info.items()})
+    def register_model(self, name: str, card: dict) -> None:
+        """`card`: the model's card (service.model_card); its flat fields become pcgpt_model's labels."""
+        self.model_info.labels(model=name).info({k: str(v) for k, v in card.items()
+                                                 if k != "id" and not isinstance(v, (dict, list))})
         # touch every labelled series so dashboards see zeros before the first request
         for series in (self.ttft, self.itl, self.e2e, self.queue_time, self.prompt_tokens, self.generation_tokens,
                        self.running, self.waiting, self.batch_size, self.kv_usage, self.settle_steps, self.entropy,

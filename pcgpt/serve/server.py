@@ -101,31 +101,44 @@ def _is_type_tag(part) -> bool:
                                       or "[" in part or part.startswith(("function-", "constrained-")))
 
 
-def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
-    """`loaded`: served name -> (model, tokenizer, metadata) read from config.models[name]; each
-    model is served by an engine process of its own (app/engine_process.py), which loads it there."""
+def start_engines(config: ServerConfig, infos: dict) -> dict:
+    """One engine process per model (`infos`: served name -> CheckpointInfo, read without the
+    weights), all loading their checkpoints side by side; returns when every one is ready. If one
+    fails, the others are stopped and EngineStartError says which model and why."""
     fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
     if fault_injection:
         log.warning("%s=1: test-only fault injection is on (requests with user 'fault:...')", FAULT_INJECTION_ENV)
+    engines = {name: RemoteEngine(name, info, device=config.device, dtype=config.dtype, threads=config.threads,
+                                  max_batch_size=config.max_batch_size, max_queue=config.max_queue,
+                                  sampler_defaults=service.sampler_defaults(info.metadata, info.tokenizer),
+                                  stream_interval=config.stream_interval, fault_injection=fault_injection,
+                                  log_level=config.log_level)
+               for name, info in infos.items()}
+    try:
+        for engine in engines.values():
+            engine.start()
+        for engine in engines.values():
+            engine.wait_ready()
+    except BaseException:
+        for engine in engines.values():
+            engine.shutdown(0)
+        raise
+    return engines
+
+
+def create_app(config: ServerConfig, engines: dict) -> FastAPI:
+    """`engines`: served name -> a ready RemoteEngine (start_engines); the app drains and stops
+    them when it shuts down."""
+    fault_injection = any(e.spec["fault_injection"] for e in engines.values())
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engines = {}
-        for name, (model, tokenizer, metadata) in loaded.items():
-            engines[name] = RemoteEngine(name, config.models[name], model, tokenizer, device=config.device,
-                                         dtype=config.dtype, threads=config.threads,
-                                         max_batch_size=config.max_batch_size, max_queue=config.max_queue,
-                                         sampler_defaults=service.sampler_defaults(metadata, tokenizer),
-                                         stream_interval=config.stream_interval, fault_injection=fault_injection,
-                                         log_level=config.log_level)
-            engines[name].start()  # all start, then all load their checkpoints side by side
         for name, engine in engines.items():
-            engine.wait_ready()
-            metrics.register_model(name, service.model_card(name, engine, loaded[name][2]))
+            engine.attach()
+            metrics.register_model(name, service.model_card(name, engine))
         metrics.engine_pids = [e.pid for e in engines.values()]
         app.state.engines = engines
-        app.state.metadata = {name: m for name, (_, _, m) in loaded.items()}
         app.state.shutting_down = False
         yield
         # SIGTERM: uvicorn stops accepting, then we drain the engines (bounded) before exiting
@@ -228,8 +241,7 @@ def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
     @app.get("/v1/models", dependencies=[Depends(require_api_key)], summary="the loaded models",
              responses={200: _json(MODEL_LIST, "the loaded models"), 401: _ERRORS[401]})
     async def list_models(request: Request):
-        return {"object": "list", "data": [service.model_card(n, e, request.app.state.metadata[n])
-                                            for n, e in request.app.state.engines.items()]}
+        return {"object": "list", "data": [service.model_card(n, e) for n, e in request.app.state.engines.items()]}
 
     @app.get("/v1/models/{model_id}", dependencies=[Depends(require_api_key)], summary="one loaded model",
              responses={200: _json(MODEL_CARD, "the model"), 401: _ERRORS[401], 404: _ERRORS[404]})
@@ -237,7 +249,7 @@ def create_app(config: ServerConfig, loaded: dict) -> FastAPI:
         engines = request.app.state.engines
         if model_id not in engines:
             raise APIError(404, f"model {model_id!r} does not exist", "invalid_request_error", "model", "model_not_found")
-        return service.model_card(model_id, engines[model_id], request.app.state.metadata[model_id])
+        return service.model_card(model_id, engines[model_id])
 
     @app.post("/v1/completions", dependencies=[Depends(require_api_key)], summary="text completion (OpenAI)",
               responses={200: _json(COMPLETION_BODY, "the completion, or its SSE stream", COMPLETION_CHUNK), **INFERENCE_RESPONSES})

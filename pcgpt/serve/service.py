@@ -5,6 +5,7 @@ models), before penalties, temperature, top-k/top-p/min-p or the error-driven sa
 """
 
 import asyncio
+import calendar
 import math
 import time
 import uuid
@@ -12,6 +13,8 @@ import uuid
 import orjson
 
 from pcgpt.serve.engine import DoneEvent, EngineUnavailable, ErrorEvent, QueueFull, Request
+from pcgpt.model.card import describe
+from pcgpt.model.checkpoint import CheckpointInfo
 from pcgpt.model.sampling import ErrorDrivenParams, SamplingParams
 from pcgpt.model.tokenizer import TokenizerError
 
@@ -28,26 +31,27 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
-def model_card(name: str, engine, metadata: dict) -> dict:
-    model = engine.model
-    card = {
-        "id": name,
-        "object": "model",
-        "created": int(metadata.get("created", 0) or 0),
-        "owned_by": "pcgpt",
-        "model_type": model.model_type,
-        "parameters": model.num_params(non_embedding=False),
-        "context_length": model.config.block_size,
-        "kv_cache_bytes_per_token": model.kv_bytes_per_token(model.lm_head.weight.dtype),
-        "tokenizer": engine.tokenizer.name,
-        "max_batch_size": engine.max_batch_size,
-    }
-    if model.model_type == "pc":
-        card["default_settle_steps"] = model.config.default_settle_steps
-        card["max_settle_steps"] = model.config.max_settle_steps
-    if isinstance(metadata.get("eval"), dict) and "val_loss" in metadata["eval"]:
-        card["val_loss"] = metadata["eval"]["val_loss"]
-    return card
+def model_card(name: str, engine, metadata: dict | None = None) -> dict:
+    """/v1/models' entry and the pcgpt_model info metric: pcgpt.model.card.describe() inside
+    OpenAI's model object. `engine`: a RemoteEngine (the HTTP process: it holds the checkpoint's
+    info), or an in-process Engine (an engine process: its loaded model, with `metadata`)."""
+    if hasattr(engine, "info"):
+        info, dtype = engine.info, engine.dtype
+    else:
+        info = CheckpointInfo.of(engine.model, engine.tokenizer, metadata or {})
+        dtype = next(engine.model.parameters()).dtype
+    # the training history stays with `pcgpt inspect`: it names the trainer's files and commands
+    card = {k: v for k, v in describe(info, dtype).items() if k not in ("training", "eval")}
+    return {"id": name, "object": "model", "created": _created(info.metadata), "owned_by": "pcgpt", **card,
+            "max_batch_size": engine.max_batch_size}
+
+
+def _created(metadata: dict) -> int:
+    """OpenAI's `created` (Unix seconds): when the checkpoint was saved, 0 when it does not say."""
+    try:
+        return calendar.timegm(time.strptime(str(metadata["saved_at"]), "%Y-%m-%dT%H:%M:%SZ"))
+    except (KeyError, ValueError):
+        return 0
 
 
 def sampler_defaults(metadata: dict, tokenizer) -> dict:
@@ -356,7 +360,7 @@ def _fit(engine, ids: list[int], max_tokens: int, truncate: int | None, param: s
 
 
 def _check_common(body, engine):
-    if body.settle_steps is not None and body.settle_steps > 0 and engine.model.model_type != "pc":
+    if body.settle_steps is not None and body.settle_steps > 0 and engine.model_type != "pc":
         raise APIError(400, f"model {engine.name!r} is a baseline GPT and does not settle; "
                             "settle_steps applies to PC models (omit it or send 0)", param="settle_steps")
     if body.logit_bias:
