@@ -12,8 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pcgpt.model.checkpoint import load_checkpoint
 from pcgpt.model.formats import FORMATS, PrepackedLinear, default_formats, onednn_bf16_available, to_inference_format
-from pcgpt.model.generate import decode_step, generate, kv_len_bucket, prefill, prefill_batch
+from pcgpt.model.generate import KV_LEN_BUCKET, decode_step, generate, kv_len_bucket, prefill, prefill_batch
 from pcgpt.model.gpt import GPT, PRESETS, KVCache, preset_config
+from pcgpt.model.hugepages import HUGE_PAGE, huge_pages_available
 from pcgpt.model.sampling import SamplingParams
 
 # fp32 tolerances for the same function computed through differently shaped calls (cached vs
@@ -233,6 +234,42 @@ def test_rows_format_stores_fp32_matrices_in_out():
     assert "rows" in default_formats(random_gpt())
 
 
+def mapping_flags(tensor) -> set[str]:
+    """The VmFlags /proc/self/smaps gives the mapping that holds tensor's first byte."""
+    address, inside = tensor.data_ptr(), False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not huge_pages_available(), reason="needs Linux with transparent huge pages on request")
+@torch.no_grad()
+def test_rows_format_keeps_large_matrices_on_memory_advised_for_huge_pages():
+    """A decode step streams every weight: the rows format keeps the [in, out] copies in memory
+    advised for transparent huge pages (MADV_HUGEPAGE, "hg" in smaps), starting on a 2 MiB
+    boundary, with every value unchanged. Matrices of at least 2 MiB take it (this model's c_attn,
+    c_fc and lm_head); smaller ones stay where torch puts them."""
+    torch.manual_seed(3)
+    config = preset_config("tiny", n_layer=1, n_head=4, n_embd=512, vocab_size=1100, block_size=64)
+    model = GPT(config).eval()
+    served = to_inference_format(copy.deepcopy(model), ("rows",))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(served.state_dict()[name], tensor), name
+    block = served.transformer.h[0]
+    for weight in (block.attn.c_attn.weight, block.mlp.c_fc.weight, served.lm_head.weight):
+        assert weight.nbytes >= HUGE_PAGE and weight.data_ptr() % HUGE_PAGE == 0
+        assert "hg" in mapping_flags(weight)
+    assert served.lm_head.weight is served.transformer.wte.weight
+    assert "hg" not in mapping_flags(block.attn.c_proj.weight)  # 1 MiB
+    seq = [5, 1, 7, 2, 9, 4]
+    torch.testing.assert_close(cached_logits(served, seq, [3]), cached_logits(model, seq, [3]), atol=ATOL, rtol=RTOL)
+
+
 @torch.no_grad()
 def test_cached_forward_follows_the_parameters_wherever_they_move():
     """Whatever replaces or moves the parameters (load_state_dict in place or with assign,
@@ -262,6 +299,21 @@ def test_cached_forward_follows_the_parameters_wherever_they_move():
 
 # ---------------------------------------------------------------------------------------------
 # the decode step: no host reads, capturable
+
+
+@pytest.mark.parametrize("max_len", [64, 1024, 1000])
+def test_kv_len_buckets_cover_each_length_with_few_windows(max_len):
+    """A decode step's window: at least the length, within the cache, a multiple of KV_LEN_BUCKET
+    (or the cache's end), fewer masked positions than a quarter of the length beyond the finest
+    buckets, and few distinct windows."""
+    windows = set()
+    for length in range(1, max_len + 1):
+        w = kv_len_bucket(length, max_len)
+        assert length <= w <= max_len
+        assert w % KV_LEN_BUCKET == 0 or w == max_len
+        assert w - length < max(KV_LEN_BUCKET, length / 4)
+        windows.add(w)
+    assert len(windows) <= 20
 
 
 class HostReads(TorchDispatchMode):

@@ -16,13 +16,13 @@ from pcgpt.model.hugepages import empty_on_huge_pages
 
 class RowsLinear(nn.Linear):
     """An fp32 nn.Linear whose weight is stored [in, out] (a transposed view of a contiguous
-    [in, out] copy; the Parameter and its [out, in] shape are unchanged), applied as one addmm on
-    the input's rows: the layout BLAS streams fastest for the few rows of a decode step (HF's
-    Conv1D keeps GPT-2 so), without F.linear's handling of 3-D inputs."""
+    [in, out] copy; the Parameter and its [out, in] shape are unchanged), on transparent huge
+    pages where Linux offers them (hugepages.py): the layout BLAS streams fastest for the few rows
+    of a decode step (HF's Conv1D keeps GPT-2 so), with fewer TLB misses over a weight stream that
+    is read end to end every step. F.linear takes the transposed view as it is."""
 
     @classmethod
     def wrap(cls, linear: nn.Linear, huge_pages: bool = True) -> "RowsLinear":
-        """huge_pages: the copy on transparent huge pages where Linux offers them (hugepages.py)."""
         module = _same_parameters(cls, linear)
         with torch.no_grad():
             weight = linear.weight.data
@@ -30,14 +30,6 @@ class RowsLinear(nn.Linear):
             stored = empty_on_huge_pages(shape, weight.dtype) if huge_pages else torch.empty(shape, dtype=weight.dtype)
             module.weight.data = stored.copy_(weight.t()).t()
         return module
-
-    def forward(self, x):
-        rows = x.reshape(-1, self.in_features)
-        if self.bias is None:
-            out = rows @ self.weight.t()
-        else:
-            out = torch.addmm(self.bias, rows, self.weight.t())
-        return out.view(*x.shape[:-1], self.out_features)
 
 
 def onednn_bf16_available() -> bool:
@@ -65,16 +57,6 @@ class PrepackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-class AtenGELU(nn.GELU):
-    """nn.GELU on ATen's kernel: on CPU PyTorch hands GELU to oneDNN, whose per-call set-up
-    outweighs the arithmetic at decode sizes. The switch is process-wide while the call runs (an
-    op of another thread in that moment takes ATen's kernel too, which computes the same function)."""
-
-    def forward(self, x):
-        with torch.backends.mkldnn.flags(enabled=False):
-            return F.gelu(x, approximate=self.approximate)
-
-
 def _same_parameters(cls, linear: nn.Linear):
     module = cls.__new__(cls)
     nn.Module.__init__(module)
@@ -100,9 +82,9 @@ def default_formats(model: nn.Module) -> tuple[str, ...]:
     if weight.device.type != "cpu":
         return ()
     if weight.dtype == torch.float32:
-        return ("rows", "aten_gelu")
+        return ("rows",)
     if weight.dtype == torch.bfloat16 and onednn_bf16_available():
-        return ("prepacked", "aten_gelu")
+        return ("prepacked",)
     return ()
 
 
@@ -110,7 +92,6 @@ FORMATS = {
     "rows": (nn.Linear, RowsLinear.wrap),
     "rows_plain": (nn.Linear, lambda m: RowsLinear.wrap(m, huge_pages=False)),
     "prepacked": (nn.Linear, PrepackedLinear.wrap),
-    "aten_gelu": (nn.GELU, lambda m: AtenGELU(approximate=m.approximate)),
 }
 
 

@@ -60,16 +60,20 @@ def prefill_batch(model, prompts: list[torch.Tensor], kv_cache, slots: torch.Ten
                                 last_only=True, lengths=lengths)
 
 
-# The attended window of a decode step is rounded up to a multiple of this: the step's shapes then
-# change only every KV_LEN_BUCKET positions (torch.compile and CUDA graphs capture one graph per
-# (batch bucket, window) pair), at the cost of reading at most this many masked positions more.
-KV_LEN_BUCKET = 64
+# The attended window of a decode step is rounded up to a bucket: the step's shapes then change only
+# at bucket boundaries (torch.compile and CUDA graphs capture one graph per (batch bucket, window)
+# pair), at the cost of attending over masked positions up to the boundary. On CPU attention over
+# the window is a visible part of a batched step, so buckets grow with the length: multiples of
+# KV_LEN_BUCKET up to 8·KV_LEN_BUCKET, then 4 buckets per doubling (fewer masked positions than a
+# quarter of the length): 20 windows cover a 1,024-position context.
+KV_LEN_BUCKET = 16
 
 
 def kv_len_bucket(length: int, max_len: int) -> int:
     """The window a decode step attends over when its furthest row holds `length` positions
-    (the new token included): `length` rounded up to KV_LEN_BUCKET, at most the cache's max_len."""
-    return min(max_len, -(-length // KV_LEN_BUCKET) * KV_LEN_BUCKET)
+    (the new token included): `length` rounded up to its bucket, at most the cache's max_len."""
+    step = max(KV_LEN_BUCKET, 1 << max(0, (length - 1).bit_length() - 3))
+    return min(max_len, -(-length // step) * step)
 
 
 @torch.no_grad()

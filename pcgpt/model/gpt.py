@@ -126,11 +126,9 @@ class CachedAttention:
         key_pos = torch.arange(kv_len, device=input_pos.device)
         self.mask = key_pos <= input_pos[:, None, :, None]  # (B, 1, S, kv_len): causal per row
         self._additive_masks = {}
-        B, S = input_pos.shape
-        if slots is None:
-            H, D = cache.k.shape[2], cache.k.shape[4]
-            # the index scatter_ writes at: each row's positions, for every head and channel
-            self.write_index = input_pos.view(B, 1, S, 1).expand(B, H, S, D)
+        # the cache row of each batch row, as the index (B, 1) that writes at (row, input_pos)
+        rows = torch.arange(input_pos.shape[0], device=input_pos.device) if slots is None else slots
+        self.write_rows = rows[:, None]
 
     def additive_mask(self, dtype) -> torch.Tensor:
         """The mask as 0 / −inf in `dtype`, made once per forward: given a boolean mask, attention
@@ -158,16 +156,11 @@ class LayerCache:
     def write(self, k, v) -> None:
         """k, v (B, H, S, D) at positions ctx.input_pos of the forward's rows."""
         ctx = self.ctx
-        k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)
-        if ctx.slots is None:
-            B = k.shape[0]
-            self.k_cache[:B].scatter_(2, ctx.write_index, k)
-            self.v_cache[:B].scatter_(2, ctx.write_index, v)
-        else:
-            # advanced indices on dims 0 and 2 with a slice between: the indexed view is (B, S, H, D)
-            rows = ctx.slots[:, None]
-            self.k_cache[rows, :, ctx.input_pos] = k.transpose(1, 2)
-            self.v_cache[rows, :, ctx.input_pos] = v.transpose(1, 2)
+        if k.dtype != self.k_cache.dtype:
+            k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)
+        # advanced indices on dims 0 and 2 with a slice between: the indexed view is (B, S, H, D)
+        self.k_cache[ctx.write_rows, :, ctx.input_pos] = k.transpose(1, 2)
+        self.v_cache[ctx.write_rows, :, ctx.input_pos] = v.transpose(1, 2)
 
     def read(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, H, kv_len, D) of the window, for the forward's rows."""
@@ -177,7 +170,9 @@ class LayerCache:
             k, v = self.k_cache[:B, :, :ctx.kv_len], self.v_cache[:B, :, :ctx.kv_len]
         else:
             k, v = self.k_cache[ctx.slots, :, :ctx.kv_len], self.v_cache[ctx.slots, :, :ctx.kv_len]
-        return k.to(dtype), v.to(dtype)
+        if k.dtype != dtype:
+            k, v = k.to(dtype), v.to(dtype)
+        return k, v
 
     def attend(self, q, k, v):
         self.write(k, v)
@@ -231,12 +226,12 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate=config.gelu_approximate)
+        self.approximate = config.gelu_approximate
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return apply_dropout(self.dropout, self.c_proj(self.gelu(self.c_fc(x))))
+        return apply_dropout(self.dropout, self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):

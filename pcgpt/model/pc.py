@@ -53,8 +53,8 @@ class Generator(nn.Module):
         super().__init__()
         self.ln = LayerNorm(config.n_embd, bias=config.bias)
         self.c_fc = nn.Linear(config.n_embd, config.rank, bias=config.bias)
-        self.gelu = nn.GELU(approximate=config.gelu_approximate)
         self.c_proj = nn.Linear(config.rank, config.n_embd, bias=config.bias)
+        self.approximate = config.gelu_approximate
         nn.init.normal_(self.c_fc.weight, std=0.02)
         nn.init.zeros_(self.c_proj.weight)
         for lin in (self.c_fc, self.c_proj):
@@ -62,7 +62,7 @@ class Generator(nn.Module):
                 nn.init.zeros_(lin.bias)
 
     def forward(self, z):
-        return z + self.c_proj(self.gelu(self.c_fc(self.ln(z))))
+        return z + self.c_proj(F.gelu(self.c_fc(self.ln(z)), approximate=self.approximate))
 
 
 @dataclass
