@@ -126,9 +126,13 @@ class CachedAttention:
         key_pos = torch.arange(kv_len, device=input_pos.device)
         self.mask = key_pos <= input_pos[:, None, :, None]  # (B, 1, S, kv_len): causal per row
         self._additive_masks = {}
-        # the cache row of each batch row, as the index (B, 1) that writes at (row, input_pos)
-        rows = torch.arange(input_pos.shape[0], device=input_pos.device) if slots is None else slots
-        self.write_rows = rows[:, None]
+        # where the new keys/values go, as indices into a layer's cache seen as (slots·H·max_len, D)
+        # rows: one index_copy_ a layer, whatever the rows' slots and positions
+        B, S = input_pos.shape
+        _, _, H, max_len, _ = cache.k.shape
+        rows = torch.arange(B, device=input_pos.device) if slots is None else slots
+        heads = torch.arange(H, device=input_pos.device)
+        self.write_index = ((rows[:, None, None] * H + heads[None, :, None]) * max_len + input_pos[:, None, :]).view(-1)
 
     def additive_mask(self, dtype) -> torch.Tensor:
         """The mask as 0 / −inf in `dtype`, made once per forward: given a boolean mask, attention
@@ -158,9 +162,9 @@ class LayerCache:
         ctx = self.ctx
         if k.dtype != self.k_cache.dtype:
             k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)
-        # advanced indices on dims 0 and 2 with a slice between: the indexed view is (B, S, H, D)
-        self.k_cache[ctx.write_rows, :, ctx.input_pos] = k.transpose(1, 2)
-        self.v_cache[ctx.write_rows, :, ctx.input_pos] = v.transpose(1, 2)
+        D = k.shape[-1]
+        self.k_cache.view(-1, D).index_copy_(0, ctx.write_index, k.reshape(-1, D))
+        self.v_cache.view(-1, D).index_copy_(0, ctx.write_index, v.reshape(-1, D))
 
     def read(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, H, kv_len, D) of the window, for the forward's rows."""

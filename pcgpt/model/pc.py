@@ -341,18 +341,15 @@ class PCGPT(GPT):
         if last_only:
             zs = [last_positions(z, lengths)[:, None] for z in zs]
             query_pos = last_positions(query_pos, lengths)[:, None]
-        if max_settle_steps is None:
-            if settle_steps is None or not isinstance(settle_steps, torch.Tensor):
-                max_settle_steps = self.config.default_settle_steps if settle_steps is None else int(settle_steps)
-            else:
-                max_settle_steps = int(settle_steps.max())
+        steps = self._steps(settle_steps, idx.shape[0], idx.device)
+        if max_settle_steps is None:  # not known on the host: read it back
+            max_settle_steps = int(steps.max())
         if max_settle_steps == 0:
             # nothing settles: the baseline's logits, and the feed-forward energy from the
             # generators alone (no cache reads, no gradient, the head once)
             logits = self.head(zs[-1])
             stats = self.uncertainty(logits, logits, self.unsettled_info(zs))
         else:
-            steps = self._steps(settle_steps, idx.shape[0], idx.device)
             pasts, mask = self.cached_context(cache, query_pos)
             settled, info = self.settle(zs[0], zs[1:], pasts, mask, steps, self.config.alpha,
                                         max_steps=max_settle_steps)
