@@ -192,8 +192,7 @@ class PCGPT(GPT):
         config.early_stop > 0 a position stops once its energy falls by less than that fraction.
         from_feedforward (default: when not unrolling for training and no targets are clamped):
         zs are the feed-forward states, so the start's energy and gradient come from the
-        generators alone (feedforward_energy): the first step needs no backward pass through the blocks
-        (T = 1 measured 3.9–4.3× the baseline on the char model: BENCHMARKS.md, small-op overhead).
+        generators alone (feedforward_energy): the first step needs no backward pass through the blocks.
         Returns (zs, info) with per-position energy0, energy, steps used, rejections and the
         final squared error norms per layer. max_steps: steps.max() when the caller knows it.
         """
