@@ -99,6 +99,12 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         # each layer's view taken once: indexing self.k[layer] per access is one more op each time
         self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
+        # made once, sliced per forward (a small model's step is dominated by such small ops): the
+        # key positions, and where each (slot, head)'s position 0 lies in a layer seen as rows of D
+        H = config.n_head
+        self.positions = torch.arange(self.max_len, device=self.k.device)
+        slot_heads = torch.arange(n_slots, device=self.k.device)[:, None] * H + torch.arange(H, device=self.k.device)
+        self.row_offsets = (slot_heads * self.max_len)[:, :, None]  # (n_slots, H, 1)
 
     @property
     def nbytes(self) -> int:
@@ -123,23 +129,19 @@ class CachedAttention:
         if kv_len > cache.max_len:
             raise ValueError(f"window of {kv_len} positions is beyond the cache's {cache.max_len}")
         self.cache, self.input_pos, self.kv_len, self.slots = cache, input_pos, kv_len, slots
-        key_pos = torch.arange(kv_len, device=input_pos.device)
-        self.mask = key_pos <= input_pos[:, None, :, None]  # (B, 1, S, kv_len): causal per row
-        self._additive_masks = {}
-        # where the new keys/values go, as indices into a layer's cache seen as (slots·H·max_len, D)
-        # rows: one index_copy_ a layer, whatever the rows' slots and positions
         B, S = input_pos.shape
-        _, _, H, max_len, _ = cache.k.shape
-        rows = torch.arange(B, device=input_pos.device) if slots is None else slots
-        heads = torch.arange(H, device=input_pos.device)
-        self.write_index = ((rows[:, None, None] * H + heads[None, :, None]) * max_len + input_pos[:, None, :]).view(-1)
+        self.mask = cache.positions[:kv_len] <= input_pos.view(B, 1, S, 1)  # (B, 1, S, kv_len): causal per row
+        self._additive_masks = {}
+        # where the new keys/values go, as rows of a layer's cache seen as (slots·H·max_len, D): one
+        # index_copy_ a layer, whatever the rows' slots and positions
+        offsets = cache.row_offsets[:B] if slots is None else cache.row_offsets[slots]
+        self.write_index = (offsets + input_pos.view(B, 1, S)).view(-1)
 
     def additive_mask(self, dtype) -> torch.Tensor:
         """The mask as 0 / −inf in `dtype`, made once per forward: given a boolean mask, attention
         would convert it in every layer."""
         if dtype not in self._additive_masks:
-            zero = torch.zeros((), dtype=dtype, device=self.mask.device)
-            self._additive_masks[dtype] = zero.masked_fill(~self.mask, float("-inf"))
+            self._additive_masks[dtype] = torch.where(self.mask, 0.0, float("-inf")).to(dtype)
         return self._additive_masks[dtype]
 
     def layer(self, layer: int) -> "LayerCache":

@@ -300,8 +300,7 @@ class PCGPT(GPT):
         positions strictly before each query at query_pos (B, S)."""
         dtype = self.lm_head.weight.dtype
         pasts = [layer.read(dtype) for layer in cache.layers(self.config.n_layer)]
-        key_pos = torch.arange(cache.kv_len, device=query_pos.device)
-        return pasts, key_pos < query_pos[:, None, :, None]
+        return pasts, cache.cache.positions[:cache.kv_len] < query_pos[:, None, :, None]
 
     def _steps(self, settle_steps, batch, device):
         if settle_steps is None:
