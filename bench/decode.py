@@ -7,7 +7,7 @@ steady state, prefill excluded) and end-to-end tokens/s = B·N / t_N.
 
   ours     KV-cached: the B prompts prefilled together into their cache slots (as the engine
            admits a burst, up to its prefill token budget: model.generate.prefill_batch), then
-           one batched decode step per token (model.generate.decode + sample_from_logits).
+           one batched decode step per token (model.generate.decode_step + sample_from_logits).
   hf       transformers GPT2LMHeadModel.generate(use_cache=True, do_sample=False), same weights.
   nanogpt  no cache: the whole window goes through the model for every token, head on the last
            position only (nanoGPT's generate).
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pcgpt.serve.engine import MAX_PREFILL_TOKENS
 from bench.common import median, set_threads
 from bench.roofline import MainMemoryProbe
-from pcgpt.model.generate import decode, prefill_batch
+from pcgpt.model.generate import decode_step, kv_len_bucket, prefill_batch
 from pcgpt.model.sampling import BatchSampling, SamplingParams, sample_from_logits
 
 METHODS = ("ours", "hf", "nanogpt")
@@ -48,7 +48,7 @@ def run_ours(model, prompts: torch.Tensor, n_new: int, vocab: int):
         stamps.append(time.perf_counter())
         if i + 1 == n_new:
             break
-        logits, _ = decode(model, token, pos, cache, slots)
+        logits, _ = decode_step(model, token, pos, cache, kv_len=kv_len_bucket(S + i + 1, cache.max_len))
         pos += 1
     return torch.stack(out, 1), stamps
 

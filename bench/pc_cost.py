@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from bench.common import CHAR_CKPT, CHAR_PC_CKPT, median, set_threads
 from pcgpt.model.checkpoint import load_for_inference
-from pcgpt.model.generate import decode, prefill
+from pcgpt.model.formats import to_inference_format
+from pcgpt.model.generate import decode_step, kv_len_bucket, prefill
 
 STEPS = (0, 1, 2, 4, 8)
 BATCHES = (1, 8)
@@ -35,7 +36,7 @@ def pc_model():
         with torch.no_grad():
             for g in pc.generators:
                 torch.nn.init.normal_(g.c_proj.weight, std=0.05)
-        pc.requires_grad_(False).to_inference_layout()
+        to_inference_format(pc.requires_grad_(False))
         source = f"PCGPT.from_baseline({CHAR_CKPT.name}) with random generators"
     return pc, base, source
 
@@ -47,14 +48,14 @@ def time_decode(model, B, steps, n_decode, prompt_len=16, settle=None):
     g = torch.Generator().manual_seed(B)
     prompts = torch.randint(0, model.config.vocab_size, (B, prompt_len), generator=g)
     logits = torch.stack([prefill(model, prompts[b], cache, b, settle)[0] for b in range(B)])
-    slots = torch.arange(B)
     pos = torch.full((B,), prompt_len, dtype=torch.long)
     settle_t = None if settle is None else torch.full((B,), settle, dtype=torch.long)
     times = []
-    for _ in range(n_decode):
+    for i in range(n_decode):
         token = logits.argmax(-1)
         t0 = time.perf_counter()
-        logits, _ = decode(model, token, pos, cache, slots, settle_t)
+        logits, _ = decode_step(model, token, pos, cache, settle_t,
+                                kv_len=kv_len_bucket(prompt_len + i + 1, cache.max_len), max_settle_steps=settle)
         times.append(time.perf_counter() - t0)
         pos += 1
     return median(times)

@@ -20,20 +20,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from bench.common import CHAR_CKPT, RESULTS, median, set_threads
-from pcgpt.model.generate import decode, prefill
+from pcgpt.model.formats import to_inference_format
+from pcgpt.model.generate import decode_step, kv_len_bucket, prefill
 
 
 def _decode_steps(model, B, n, settle=None):
     cache = model.new_cache(B, max_len=16 + n + 1)
     prompts = torch.randint(0, model.config.vocab_size, (B, 16), generator=torch.Generator().manual_seed(0))
     logits = torch.stack([prefill(model, prompts[b], cache, b, settle)[0] for b in range(B)])
-    slots, pos = torch.arange(B), torch.full((B,), 16, dtype=torch.long)
+    pos = torch.full((B,), 16, dtype=torch.long)
     steps = None if settle is None else torch.full((B,), settle, dtype=torch.long)
+    length = 16  # every row's, known on the host as the engine knows it
 
     def step():
-        nonlocal logits
-        logits, _ = decode(model, logits.argmax(-1), pos, cache, slots, steps)
+        nonlocal logits, length
+        logits, _ = decode_step(model, logits.argmax(-1), pos, cache, steps,
+                                kv_len=kv_len_bucket(length + 1, cache.max_len), max_settle_steps=settle)
         pos.add_(1)
+        length += 1
 
     return step
 
@@ -109,12 +113,12 @@ def engine_profile(path, n_rows=32, n_steps=60):
 
 def _median_step_ms(model, B=1, n=40):
     cache = model.new_cache(B, 16 + n + 1)
-    slots, tok = torch.arange(B), torch.zeros(B, 1, dtype=torch.long)
+    tok = torch.zeros(B, dtype=torch.long)
     times = []
     for i in range(n):
-        pos = torch.full((B, 1), 16 + i)
+        pos = torch.full((B,), 16 + i)
         t0 = time.perf_counter()
-        model.forward_cached(tok, pos, cache, slots)
+        decode_step(model, tok, pos, cache, kv_len=kv_len_bucket(17 + i, cache.max_len))
         times.append(time.perf_counter() - t0)
     return 1000 * median(times[5:])
 
@@ -136,7 +140,7 @@ def gpt2_breakdown(ours, quick=False):
             m(inputs[m.in_features])
         passes.append(time.perf_counter() - t0)
     out["weights_only_pass_ms"] = 1000 * median(passes[2:])
-    bf = copy.deepcopy(ours).to(torch.bfloat16).to_inference_layout()  # as `pcgpt serve --dtype bfloat16`
+    bf = to_inference_format(copy.deepcopy(ours).to(torch.bfloat16))  # as `pcgpt serve --dtype bfloat16`
     out["bf16_step_ms"] = _median_step_ms(bf, n=n)
     x = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
     l32, lbf = ours(x).float(), bf(x).float()
@@ -146,17 +150,13 @@ def gpt2_breakdown(ours, quick=False):
     out["bf16_top1_agree"] = float((l32.argmax(-1) == lbf.argmax(-1)).float().mean())
     out["bf16_mean_kl_nats"] = float((lp32.exp() * (lp32 - lpbf)).sum(-1).mean())
     del bf
-    # stub the matrices: a preallocated output of the right shape, in the blocks' tensors the
-    # cached forward applies and in the output head (a module)
-    stub = lambda out_features: lambda x, z=torch.zeros(1, out_features): z[:x.shape[0]]  # noqa: E731
-    ours._block_tensors = [w._replace(**{name: stub(getattr(w, name).weight_t.shape[1])
-                                         for name in ("c_attn", "attn_proj", "c_fc", "mlp_proj")})
-                           for w in ours.block_tensors()]
-    z = torch.zeros(1, 1, ours.lm_head.out_features)
-    ours.lm_head.forward = types.MethodType(lambda self, x: z[:x.shape[0], 0], ours.lm_head)
+    # stub the matrices: each Linear module returns a preallocated output of the right shape
+    for m in lins:
+        z = torch.zeros(1, 1, m.out_features)
+        m.forward = types.MethodType(lambda self, x, z=z: z.expand(*x.shape[:-1], z.shape[-1]), m)
     out["no_weights_step_ms"] = _median_step_ms(ours, n=n)
-    del ours.lm_head.forward
-    ours.forget_tensors()
+    for m in lins:
+        del m.forward
     return out
 
 

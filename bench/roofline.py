@@ -99,11 +99,12 @@ def weights_only_pass(reps=15, served_layout=True, dtype=torch.float32):
     served_layout the matrices are laid out as `pcgpt serve` keeps them on CPU ([in, out] on huge
     pages in fp32, prepacked for oneDNN in bf16 where the CPU has native bf16), else in nn.Linear's
     [out, in]."""
+    from pcgpt.model.formats import to_inference_format
     from pcgpt.model.gpt import GPT, preset_config
     torch.manual_seed(0)
     model = GPT(preset_config("gpt2")).eval().requires_grad_(False).to(dtype)
     if served_layout:
-        model.to_inference_layout()
+        to_inference_format(model)
     lins = []
     for blk in model.transformer.h:
         lins += [blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj]

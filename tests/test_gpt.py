@@ -1,23 +1,26 @@
-"""The baseline GPT: KV-cached decoding equals full recomputation (any slots, rows at different
-lengths, right-padded batched prefill), HF GPT-2 equivalence of logits and greedy tokens, cache
-and parameter sizes, and the context limit."""
+"""The baseline GPT: KV-cached decoding equals full recomputation (prefill into any slots, rows at
+different lengths, right-padded batched prefill, padding rows), HF GPT-2 equivalence of logits and
+greedy tokens, the CPU weight formats, the decode step's capturability, cache and parameter
+sizes, and the context limit."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pcgpt.model.checkpoint import load_checkpoint
-from pcgpt.model.generate import decode, generate, prefill, prefill_batch
-from pcgpt.model.gpt import GPT, PRESETS, KVCache, PrepackedLinear, onednn_bf16_available, preset_config
+from pcgpt.model.formats import FORMATS, PrepackedLinear, default_formats, onednn_bf16_available, to_inference_format
+from pcgpt.model.generate import KV_LEN_BUCKET, decode_step, generate, kv_len_bucket, prefill, prefill_batch
+from pcgpt.model.gpt import GPT, PRESETS, KVCache, preset_config
 from pcgpt.model.hugepages import HUGE_PAGE, huge_pages_available
 from pcgpt.model.sampling import SamplingParams
 
+# fp32 tolerances for the same function computed through differently shaped calls (cached vs
+# uncached, batched vs alone, a swapped weight format): kernels may sum in different orders
 ATOL = 1e-5
 RTOL = 1e-4
-
-
 
 
 def random_gpt(seed=0, **overrides):
@@ -37,14 +40,27 @@ def full_logits(model, seq):
     return model(torch.tensor([seq]))[0]
 
 
+def decode_rows(model, cache, rows: dict, n_rows: int):
+    """One decode_step over batch rows 0..n_rows-1 (row b = cache slot b): rows maps a slot to its
+    (token, position); the other rows are padding (token 0 at position 0). Returns logits (n_rows, V)."""
+    tokens = torch.zeros(n_rows, dtype=torch.long)
+    pos = torch.zeros(n_rows, dtype=torch.long)
+    for slot, (token, p) in rows.items():
+        tokens[slot], pos[slot] = token, p
+    kv_len = kv_len_bucket(int(pos.max()) + 1, cache.max_len)
+    logits, _ = decode_step(model, tokens, pos, cache, kv_len=kv_len)
+    assert logits.shape == (n_rows, model.config.vocab_size)
+    return logits
+
+
 # ---------------------------------------------------------------------------------------------
 # cached decoding == full recomputation
 
 
-@pytest.mark.parametrize("slots, n_slots", [([2, 0, 3], 4), ([0, 1, 2], 3), ([1, 2, 3], 4)],
-                         ids=["non-contiguous", "contiguous-from-0", "contiguous-offset"])
+@pytest.mark.parametrize("slots, n_slots, n_rows", [([2, 0, 3], 4, 4), ([0, 1, 2], 3, 3), ([1, 2, 0], 4, 3)],
+                         ids=["padding-row-between", "all-rows", "free-slot-outside-batch"])
 @torch.no_grad()
-def test_cached_decode_matches_full_recompute(slots, n_slots):
+def test_cached_decode_matches_full_recompute(slots, n_slots, n_rows):
     model = random_gpt()
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -52,7 +68,8 @@ def test_cached_decode_matches_full_recompute(slots, n_slots):
     n_steps = 9
     seqs = [torch.randint(0, V, (n + n_steps,), generator=g).tolist() for n in prompt_lens]
     cache = model.new_cache(n_slots, max_len=32)
-    # a slot no row of the batch uses holds another sequence: it must never leak into the rows
+    # a slot no sequence uses holds another one: it must never leak into the rows (and where it is
+    # inside the decode batch it is a padding row, decoding whatever it holds)
     for other in set(range(n_slots)) - set(slots):
         prefill(model, torch.randint(0, V, (20,), generator=g), cache, other)
 
@@ -60,20 +77,38 @@ def test_cached_decode_matches_full_recompute(slots, n_slots):
     for seq, n, slot in zip(seqs, prompt_lens, slots):
         logits, stats = prefill(model, torch.tensor(seq[:n]), cache, slot, all_logits=True)
         torch.testing.assert_close(logits, full_logits(model, seq[:n]), atol=ATOL, rtol=RTOL)
-        last, _ = model.forward_cached(torch.tensor([seq[:n]]), torch.arange(n)[None], model.new_cache(1, 32),
-                                       torch.tensor([0]))
-        torch.testing.assert_close(last[0], logits[-1], atol=ATOL, rtol=RTOL)
+        last, _ = prefill(model, torch.tensor(seq[:n]), model.new_cache(1, 32), 0)
+        torch.testing.assert_close(last, logits[-1], atol=ATOL, rtol=RTOL)
 
     # then decode all rows together, each at its own position
-    slot_t = torch.tensor(slots)
     for step in range(n_steps):
-        pos = torch.tensor([n + step for n in prompt_lens])
-        tokens = torch.tensor([seq[n + step] for seq, n in zip(seqs, prompt_lens)])
-        logits, _ = decode(model, tokens, pos, cache, slot_t)
-        assert logits.shape == (len(slots), V)
-        for row, (seq, n) in enumerate(zip(seqs, prompt_lens)):
+        rows = {slot: (seq[n + step], n + step) for seq, n, slot in zip(seqs, prompt_lens, slots)}
+        logits = decode_rows(model, cache, rows, n_rows)
+        for seq, n, slot in zip(seqs, prompt_lens, slots):
             expected = full_logits(model, seq[: n + step + 1])[-1]
-            torch.testing.assert_close(logits[row], expected, atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(logits[slot], expected, atol=ATOL, rtol=RTOL)
+
+
+@torch.no_grad()
+def test_decode_rows_equal_each_row_alone_and_padding_rows_change_nothing():
+    """A decode batch's row equals the same row decoded alone (batch of one), whatever the padding
+    rows hold or at whatever position they sit."""
+    model = random_gpt(seed=2)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in (6, 3)]
+    outputs = []
+    for padding_pos in (0, 9):
+        cache = model.new_cache(3, max_len=24)
+        prefill(model, prompts[0], cache, 0)
+        prefill(model, prompts[1], cache, 2)
+        rows = {0: (7, 6), 1: (5, padding_pos), 2: (8, 3)}
+        outputs.append(decode_rows(model, cache, rows, 3))
+    torch.testing.assert_close(outputs[0][[0, 2]], outputs[1][[0, 2]], atol=ATOL, rtol=RTOL)
+    for slot, prompt, (token, pos) in ((0, prompts[0], (7, 6)), (2, prompts[1], (8, 3))):
+        alone = model.new_cache(1, max_len=24)
+        prefill(model, prompt, alone, 0)
+        logits = decode_rows(model, alone, {0: (token, pos)}, 1)
+        torch.testing.assert_close(outputs[0][slot], logits[0], atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("slots", [[2, 0, 3], [0, 1, 2]], ids=["non-contiguous", "contiguous"])
@@ -95,20 +130,20 @@ def test_batched_right_padded_prefill_then_decode(slots):
     slot_t = torch.tensor(slots)
 
     # one prefill call for all rows; each row's real positions equal its own full computation
-    logits = model(idx, input_pos, cache, slot_t)
-    all_logits, _ = model.forward_cached(idx, input_pos, model.new_cache(4, max_len=S), slot_t, last_only=False)
+    logits = model(idx, cache.attention(input_pos, S, slot_t))
+    all_logits, _ = model.forward_cached(idx, model.new_cache(4, max_len=S).attention(input_pos, S, slot_t),
+                                         last_only=False)
     torch.testing.assert_close(all_logits, logits, atol=ATOL, rtol=RTOL)
     for row, (seq, n) in enumerate(zip(seqs, prompt_lens)):
         torch.testing.assert_close(logits[row, :n], full_logits(model, seq[:n]), atol=ATOL, rtol=RTOL)
 
     # decode: each row continues from its own length, overwriting its padding's K/V
     for step in range(n_steps):
-        pos = torch.tensor([n + step for n in prompt_lens])
-        tokens = torch.tensor([seq[n + step] for seq, n in zip(seqs, prompt_lens)])
-        out, _ = decode(model, tokens, pos, cache, slot_t)
-        for row, (seq, n) in enumerate(zip(seqs, prompt_lens)):
+        rows = {slot: (seq[n + step], n + step) for seq, n, slot in zip(seqs, prompt_lens, slots)}
+        out = decode_rows(model, cache, rows, 4)
+        for seq, n, slot in zip(seqs, prompt_lens, slots):
             expected = full_logits(model, seq[: n + step + 1])[-1]
-            torch.testing.assert_close(out[row], expected, atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(out[slot], expected, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("slots", [[0, 1, 2], [3, 0, 2]], ids=["contiguous", "non-contiguous"])
@@ -123,14 +158,14 @@ def test_prefill_batch_equals_each_prompt_alone(slots):
     cache = model.new_cache(4, max_len=24)
     logits, stats = prefill_batch(model, prompts, cache, torch.tensor(slots))
     assert logits.shape == (3, model.config.vocab_size) and stats == {}
-    next_tokens = torch.tensor([3, 1, 4])
-    after, _ = decode(model, next_tokens, torch.tensor([len(p) for p in prompts]), cache, torch.tensor(slots))
-    for row, p in enumerate(prompts):
+    next_tokens = [3, 1, 4]
+    after = decode_rows(model, cache, {s: (t, len(p)) for s, t, p in zip(slots, next_tokens, prompts)}, 4)
+    for row, (slot, p) in enumerate(zip(slots, prompts)):
         own = model.new_cache(1, max_len=24)
         alone, _ = prefill(model, p, own, 0)
         torch.testing.assert_close(logits[row], alone, atol=ATOL, rtol=RTOL)
-        alone_next, _ = decode(model, next_tokens[row:row + 1], torch.tensor([len(p)]), own, torch.tensor([0]))
-        torch.testing.assert_close(after[row], alone_next[0], atol=ATOL, rtol=RTOL)
+        alone_next = decode_rows(model, own, {0: (next_tokens[row], len(p))}, 1)
+        torch.testing.assert_close(after[slot], alone_next[0], atol=ATOL, rtol=RTOL)
 
 
 @torch.no_grad()
@@ -144,40 +179,59 @@ def test_generate_greedy_equals_uncached_argmax():
     assert tokens == seq[len(prompt):]
 
 
+FP32_FORMATS = [name for name in FORMATS if name != "prepacked"]
+
+
+def cached_logits(model, seq, extra):
+    """Last-position logits of prefilling seq, then of decoding each token of extra (stacked)."""
+    cache = model.new_cache(2, max_len=32)
+    logits, _ = prefill(model, torch.tensor(seq), cache, 1)
+    out = [logits]
+    for i, t in enumerate(extra):
+        row = decode_rows(model, cache, {1: (t, len(seq) + i)}, 2)
+        out.append(row[1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", FP32_FORMATS)
 @torch.no_grad()
-def test_inference_layout_changes_memory_order_only(tmp_path):
-    """to_inference_layout (what serving applies on CPU) stores the matrices as [in, out] and
-    nothing else changes: names, shapes and values, the wte/lm_head tie, full and cached logits,
-    and a checkpoint saved from it."""
+def test_each_fp32_format_keeps_the_model_and_its_function(tmp_path, name):
+    """A weight format (formats.py, what serving applies at load) swaps modules over the same
+    Parameters: names, shapes and values, the wte/lm_head tie and a checkpoint saved from it are
+    unchanged, and full and cached logits equal the plain model's."""
     from pcgpt.model.checkpoint import save_pcgpt
     from pcgpt.model.tokenizer import CharTokenizer
     model = random_gpt(seed=11)
-    served = random_gpt(seed=11).to_inference_layout()
+    served = to_inference_format(random_gpt(seed=11), (name,))
+    kind, _ = FORMATS[name]
+    swapped = [m for m in served.modules() if isinstance(m, kind) and type(m) is not kind]
+    assert swapped and not any(type(m) is kind for m in served.modules())
     before, after = model.state_dict(), served.state_dict()
     assert list(before) == list(after)
-    for name in before:
-        assert before[name].shape == after[name].shape and torch.equal(before[name], after[name]), name
-    w = served.transformer.h[0].mlp.c_fc.weight
-    assert not w.is_contiguous() and w.t().is_contiguous()  # really re-laid out
-    assert served.lm_head.weight is served.transformer.wte.weight and served.lm_head.weight.t().is_contiguous()
+    for key in before:
+        assert before[key].shape == after[key].shape and torch.equal(before[key], after[key]), key
+    assert served.lm_head.weight is served.transformer.wte.weight
 
     seq = [5, 1, 7, 2, 9, 4, 4, 8]
     torch.testing.assert_close(served(torch.tensor([seq])), model(torch.tensor([seq])), atol=ATOL, rtol=RTOL)
-    for m in (model, served):
-        cache = m.new_cache(2)
-        logits, _ = prefill(m, torch.tensor(seq), cache, 1)
-        out = [logits]
-        for t in (3, 6):
-            logits, _ = decode(m, torch.tensor([t]), torch.tensor([len(seq) + len(out) - 1]), cache, torch.tensor([1]))
-            out.append(logits[0])
-        m.cached = torch.stack(out)
-    torch.testing.assert_close(served.cached, model.cached, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(cached_logits(served, seq, [3, 6]), cached_logits(model, seq, [3, 6]),
+                               atol=ATOL, rtol=RTOL)
 
     chars = {i: chr(33 + i) for i in range(model.config.vocab_size)}
     tokenizer = CharTokenizer({c: i for i, c in chars.items()}, chars)
     save_pcgpt(tmp_path / "ckpt", served, tokenizer)
     loaded, _, _ = load_checkpoint(tmp_path / "ckpt")
-    assert torch.equal(loaded(torch.tensor([seq])), model(torch.tensor([seq])))
+    torch.testing.assert_close(loaded(torch.tensor([seq])), model(torch.tensor([seq])), atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_rows_format_stores_fp32_matrices_in_out():
+    served = to_inference_format(random_gpt(seed=11), ("rows",))
+    w = served.transformer.h[0].mlp.c_fc.weight
+    assert w.shape == (128, 32) and not w.is_contiguous() and w.t().is_contiguous()
+    assert served.lm_head.weight.t().is_contiguous()
+    assert default_formats(random_gpt()) == default_formats(served)  # by device and dtype only
+    assert "rows" in default_formats(random_gpt())
 
 
 def mapping_flags(tensor) -> set[str]:
@@ -195,15 +249,15 @@ def mapping_flags(tensor) -> set[str]:
 
 @pytest.mark.skipif(not huge_pages_available(), reason="needs Linux with transparent huge pages on request")
 @torch.no_grad()
-def test_served_weights_and_kv_cache_sit_on_memory_advised_for_huge_pages():
-    """A decode step streams every weight and each row's cached keys and values: serving keeps
-    them in memory advised for transparent huge pages (MADV_HUGEPAGE, "hg" in smaps), starting on
-    a 2 MiB boundary, with every value unchanged. Matrices of at least 2 MiB take it (this model's
-    c_attn, c_fc and lm_head); smaller ones stay where torch puts them."""
+def test_rows_format_keeps_large_matrices_on_memory_advised_for_huge_pages():
+    """A decode step streams every weight: the rows format keeps the [in, out] copies in memory
+    advised for transparent huge pages (MADV_HUGEPAGE, "hg" in smaps), starting on a 2 MiB
+    boundary, with every value unchanged. Matrices of at least 2 MiB take it (this model's c_attn,
+    c_fc and lm_head); smaller ones stay where torch puts them."""
     torch.manual_seed(3)
     config = preset_config("tiny", n_layer=1, n_head=4, n_embd=512, vocab_size=1100, block_size=64)
     model = GPT(config).eval()
-    served = copy.deepcopy(model).to_inference_layout()
+    served = to_inference_format(copy.deepcopy(model), ("rows",))
     for name, tensor in model.state_dict().items():
         assert torch.equal(served.state_dict()[name], tensor), name
     block = served.transformer.h[0]
@@ -211,29 +265,22 @@ def test_served_weights_and_kv_cache_sit_on_memory_advised_for_huge_pages():
         assert weight.nbytes >= HUGE_PAGE and weight.data_ptr() % HUGE_PAGE == 0
         assert "hg" in mapping_flags(weight)
     assert served.lm_head.weight is served.transformer.wte.weight
-    small = block.attn.c_proj.weight  # 1 MiB
-    assert "hg" not in mapping_flags(small)
-
-    cache = served.new_cache(32, 64)  # 128 KiB of keys a slot, 4 MiB in all
-    assert "hg" in mapping_flags(cache.k) and "hg" in mapping_flags(cache.v) and not cache.k.any()
+    assert "hg" not in mapping_flags(block.attn.c_proj.weight)  # 1 MiB
     seq = [5, 1, 7, 2, 9, 4]
-    logits, _ = served.forward_cached(torch.tensor([seq]), torch.arange(6)[None], cache, torch.tensor([2]))
-    torch.testing.assert_close(logits[0], full_logits(model, seq)[-1], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(cached_logits(served, seq, [3]), cached_logits(model, seq, [3]), atol=ATOL, rtol=RTOL)
 
 
 @torch.no_grad()
 def test_cached_forward_follows_the_parameters_wherever_they_move():
-    """The cached forward looks each block's tensors up once; whatever replaces or moves the
-    parameters afterwards (load_state_dict in place or with assign, .to(dtype), the inference
-    layout, a deepcopy) must show in its logits, as it does in the uncached forward."""
+    """Whatever replaces or moves the parameters (load_state_dict in place or with assign,
+    .to(dtype), a weight format, a deepcopy) shows in the cached logits as in the uncached ones."""
     seq = [5, 1, 7, 2, 9, 4]
 
     def last_cached(m):
-        logits, _ = m.forward_cached(torch.tensor([seq]), torch.arange(len(seq))[None], m.new_cache(1, 16), torch.tensor([0]))
-        return logits[0]
+        return prefill(m, torch.tensor(seq), m.new_cache(1, 16), 0)[0]
 
     model, other = random_gpt(seed=1), random_gpt(seed=2)
-    before = last_cached(model)  # the tensors are looked up here
+    before = last_cached(model)
     model.load_state_dict(other.state_dict())
     torch.testing.assert_close(last_cached(model), full_logits(other, seq)[-1], atol=ATOL, rtol=RTOL)
     model.load_state_dict(random_gpt(seed=1).state_dict(), assign=True)
@@ -241,13 +288,96 @@ def test_cached_forward_follows_the_parameters_wherever_they_move():
     model.to(torch.float64)
     assert last_cached(model).dtype == torch.float64
     torch.testing.assert_close(last_cached(model), full_logits(model, seq)[-1], atol=1e-10, rtol=1e-10)
-    model.to(torch.float32).to_inference_layout()
+    to_inference_format(model.to(torch.float32))
     torch.testing.assert_close(last_cached(model), before, atol=ATOL, rtol=RTOL)
-    copied = copy.deepcopy(model)  # a copy has Parameters of its own: the looked-up tensors must be its
+    copied = copy.deepcopy(model)  # a copy has Parameters of its own
     for p in copied.parameters():
         p.mul_(0.9)
     torch.testing.assert_close(last_cached(copied), full_logits(copied, seq)[-1], atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(last_cached(model), before, atol=ATOL, rtol=RTOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# the decode step: no host reads, capturable
+
+
+@pytest.mark.parametrize("max_len", [64, 1024, 1000])
+def test_kv_len_buckets_cover_each_length_with_few_windows(max_len):
+    """A decode step's window: at least the length, within the cache, a multiple of KV_LEN_BUCKET
+    (or the cache's end), fewer masked positions than a quarter of the length beyond the finest
+    buckets, and few distinct windows."""
+    windows = set()
+    for length in range(1, max_len + 1):
+        w = kv_len_bucket(length, max_len)
+        assert length <= w <= max_len
+        assert w % KV_LEN_BUCKET == 0 or w == max_len
+        assert w - length < max(KV_LEN_BUCKET, length / 4)
+        windows.add(w)
+    assert len(windows) <= 20
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value back to the host (.item(), int(), .tolist(),
+    bool() dispatch aten._local_scalar_dense)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def decode_inputs(model, B=3, max_len=32):
+    cache = model.new_cache(B + 1, max_len=max_len)
+    g = torch.Generator().manual_seed(5)
+    for slot, n in enumerate((4, 9, 2)[:B]):
+        prefill(model, torch.randint(0, model.config.vocab_size, (n,), generator=g), cache, slot)
+    tokens = torch.tensor([3, 1, 4][:B])
+    pos = torch.tensor([4, 9, 2][:B])
+    return tokens, pos, cache
+
+
+def pc_model():
+    from pcgpt.model.pc import PCConfig, PCGPT
+    torch.manual_seed(0)
+    return PCGPT(PCConfig(**preset_config("tiny").to_dict())).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt", "pc-T0"])
+@torch.no_grad()
+def test_decode_step_reads_nothing_back_from_the_device(kind):
+    model = random_gpt() if kind == "gpt" else pc_model()
+    tokens, pos, cache = decode_inputs(model)
+    steps = None if kind == "gpt" else torch.zeros(3, dtype=torch.long)
+    with HostReads() as mode:
+        logits, stats = decode_step(model, tokens, pos, cache, steps, kv_len=kv_len_bucket(10, 32),
+                                    max_settle_steps=None if kind == "gpt" else 0)
+    assert mode.reads == 0
+    assert logits.shape == (3, model.config.vocab_size) and (kind == "gpt") == (stats == {})
+
+
+@pytest.mark.parametrize("kind", ["gpt", "pc-T0"])
+def test_batched_decode_step_compiles_without_graph_breaks(kind):
+    """torch.compile(fullgraph=True) traces the whole decode step (one graph, else it raises);
+    the eager backend keeps inductor's C++ compile out of the test: capturability is the point."""
+    model = random_gpt() if kind == "gpt" else pc_model()
+    tokens, pos, cache = decode_inputs(model)
+    steps = None if kind == "gpt" else torch.zeros(3, dtype=torch.long)
+    max_steps = None if kind == "gpt" else 0
+    with torch.no_grad():
+        expected, expected_stats = decode_step(model, tokens, pos, copy.deepcopy(cache), steps, kv_len=32,
+                                               max_settle_steps=max_steps)
+    torch._dynamo.reset()
+    try:
+        step = torch.compile(decode_step, fullgraph=True, backend="eager")
+        logits, stats = step(model, tokens, pos, cache, steps, kv_len=32, max_settle_steps=max_steps)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=RTOL)
+    assert stats.keys() == expected_stats.keys()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,12 +423,13 @@ needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16_available(),
 @needs_onednn_bf16
 @torch.no_grad()
 def test_prepacked_bf16_keeps_the_model_and_adds_no_error_beyond_bf16():
-    """bf16 on a CPU with native bf16: to_inference_layout swaps every nn.Linear for a
+    """bf16 on a CPU with native bf16: the default format swaps every nn.Linear for a
     PrepackedLinear over the same Parameters (names, shapes, values, the tie, parameter count), and
     its full and cached logits are as close to fp32's as bf16 through F.linear is."""
     reference = random_gpt(seed=12)
     plain = copy.deepcopy(reference).to(torch.bfloat16)
-    served = copy.deepcopy(plain).to_inference_layout()
+    assert "prepacked" in default_formats(plain)
+    served = to_inference_format(copy.deepcopy(plain))
     linears = [m for m in plain.modules() if isinstance(m, nn.Linear)]
     packed = [m for m in served.modules() if isinstance(m, PrepackedLinear)]
     assert len(packed) == len(linears) > 0
@@ -315,13 +446,9 @@ def test_prepacked_bf16_keeps_the_model_and_adds_no_error_beyond_bf16():
     assert (packed_full - exact).abs().max() <= 2 * bf16_error
     assert (packed_full - full_logits(plain, seq).float()).abs().max() <= 2 * bf16_error
 
-    cache = served.new_cache(2)  # cached decoding through the prepacked kernels: the same logits
-    logits, _ = prefill(served, torch.tensor(seq[:8]), cache, 1)
-    rows = [logits]
-    for i, t in enumerate(seq[8:]):
-        logits, _ = decode(served, torch.tensor([t]), torch.tensor([8 + i]), cache, torch.tensor([1]))
-        rows.append(logits[0])
-    assert (torch.stack(rows).float() - packed_full[7:]).abs().max() <= 2 * bf16_error
+    # cached decoding through the prepacked kernels: the same logits
+    rows = cached_logits(served, seq[:8], seq[8:])
+    assert (rows.float() - packed_full[7:]).abs().max() <= 2 * bf16_error
 
 
 @needs_onednn_bf16
@@ -413,6 +540,9 @@ def test_positions_beyond_block_size_raise():
         model(torch.zeros(1, block + 1, dtype=torch.long))
     cache = model.new_cache(1, max_len=block + 4)
     with pytest.raises(ValueError, match="beyond the context"):
-        decode(model, torch.tensor([1]), torch.tensor([block]), cache, torch.tensor([0]))
+        prefill(model, torch.zeros(block + 1, dtype=torch.long), cache, 0)
+    with pytest.raises(ValueError, match="beyond the context"):
+        prefill_batch(model, [torch.zeros(3, dtype=torch.long), torch.zeros(block + 1, dtype=torch.long)],
+                      model.new_cache(2, max_len=block + 4), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="context"):
         next(generate(model, [1] * (block - 3), 4, SamplingParams(temperature=0)))

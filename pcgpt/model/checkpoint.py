@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from pcgpt.model.gpt import GPT, GPTConfig
+from pcgpt.model.formats import to_inference_format
 from pcgpt.model.tokenizer import TokenizerError, gpt2_tokenizer, load_meta_pkl, tokenizer_from_spec
 
 FORMAT_MARKER = "pcgpt"
@@ -143,10 +144,10 @@ def _initialisers_skipped():
 def load_for_inference(path, meta_path=None, device="cpu", dtype=None):
     """load_checkpoint as serving, generation, evaluation and the benchmarks use it: no parameter
     gradients (PC settling takes gradients w.r.t. its states only) and, on CPU, the [in, out]
-    weight layout, or prepacked bf16 weights (GPT.to_inference_layout)."""
+    weight format (pcgpt.model.formats: module swaps over the same Parameters)."""
     model, tokenizer, metadata = load_checkpoint(path, meta_path=meta_path, device=device, dtype=dtype)
     model.requires_grad_(False)
-    model.to_inference_layout()
+    to_inference_format(model)
     return model, tokenizer, metadata
 
 

@@ -1,9 +1,10 @@
 """Prefill and decode, as separate functions, and the one-request generation loop.
 
-Both model types serve through `model.forward_cached(idx, input_pos, kv_cache, slots,
-settle_steps, last_only) -> (logits, stats)`; the baseline returns no stats, the PC model its
-settling diagnostics per row. Generation runs under no_grad rather than inference_mode: the PC
-model takes gradients with respect to its states while settling, which inference_mode forbids.
+Both model types serve through `model.forward_cached(idx, cache, settle_steps, max_settle_steps,
+last_only, lengths) -> (logits, stats)` over a KVCache.attention view; the baseline returns no
+stats, the PC model its settling diagnostics per row. Generation runs under no_grad rather than
+inference_mode: the PC model takes gradients with respect to its states while settling, which
+inference_mode forbids.
 """
 
 from typing import Iterator
@@ -11,6 +12,11 @@ from typing import Iterator
 import torch
 
 from pcgpt.model.sampling import BatchSampling, SamplingParams, apply_penalties, make_generator, sample_from_logits
+
+
+def _check_context(model, length: int) -> None:
+    if length > model.config.block_size:
+        raise ValueError(f"position {length - 1} is beyond the context of {model.config.block_size}")
 
 
 @torch.no_grad()
@@ -22,9 +28,11 @@ def prefill(model, prompt: torch.Tensor, kv_cache, slot: int, settle_steps: int 
     when all_logits (echo with prompt logprobs); stats hold the last position's diagnostics.
     """
     idx = prompt.view(1, -1)
-    input_pos = torch.arange(idx.shape[1], device=idx.device).view(1, -1)
+    S = idx.shape[1]
+    _check_context(model, S)
+    input_pos = torch.arange(S, device=idx.device).view(1, -1)
     slots = torch.tensor([slot], device=idx.device)
-    logits, stats = model.forward_cached(idx, input_pos, kv_cache, slots,
+    logits, stats = model.forward_cached(idx, kv_cache.attention(input_pos, S, slots),
                                          settle_steps=_as_row_tensor(settle_steps, 1, idx.device),
                                          last_only=not all_logits)
     return logits[0], {k: v[0] for k, v in stats.items()}
@@ -39,34 +47,33 @@ def prefill_batch(model, prompts: list[torch.Tensor], kv_cache, slots: torch.Ten
     A padded row's queries see only its own earlier positions (causal), and the K/V its padding
     writes lie past its prompt, where its first decode steps overwrite them before reading."""
     device = prompts[0].device
-    lengths = torch.tensor([p.shape[0] for p in prompts], device=device)
-    S = int(lengths.max())
+    lengths_host = [p.shape[0] for p in prompts]
+    S = max(lengths_host)
+    _check_context(model, S)
+    lengths = torch.tensor(lengths_host, device=device)
     idx = torch.zeros(len(prompts), S, dtype=torch.long, device=device)
     for row, p in enumerate(prompts):
         idx[row, :p.shape[0]] = p
     input_pos = torch.arange(S, device=device).expand(len(prompts), S)
-    return model.forward_cached(idx, input_pos, kv_cache, slots, settle_steps=settle_steps, last_only=True,
-                                lengths=lengths)
+    slots = torch.as_tensor(slots, device=device)
+    return model.forward_cached(idx, kv_cache.attention(input_pos, S, slots), settle_steps=settle_steps,
+                                last_only=True, lengths=lengths)
 
 
-@torch.no_grad()
-def decode(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache, slots: torch.Tensor,
-           settle_steps: torch.Tensor | None = None):
-    """One new token per row: tokens, input_pos and slots are (B,). Returns (logits (B, V), stats)."""
-    return model.forward_cached(tokens.view(-1, 1), input_pos.view(-1, 1), kv_cache, slots,
-                                settle_steps=settle_steps, last_only=True)
-
-
-# The attended window of a decode step is rounded up to a multiple of this: the step's shapes then
-# change only every KV_LEN_BUCKET positions (torch.compile and CUDA graphs capture one graph per
-# (batch bucket, window) pair), at the cost of reading at most this many masked positions more.
-KV_LEN_BUCKET = 64
+# The attended window of a decode step is rounded up to a bucket: the step's shapes then change only
+# at bucket boundaries (torch.compile and CUDA graphs capture one graph per (batch bucket, window)
+# pair), at the cost of attending over masked positions up to the boundary. On CPU attention over
+# the window is a visible part of a batched step, so buckets grow with the length: multiples of
+# KV_LEN_BUCKET up to 8·KV_LEN_BUCKET, then 4 buckets per doubling (fewer masked positions than a
+# quarter of the length): 20 windows cover a 1,024-position context.
+KV_LEN_BUCKET = 16
 
 
 def kv_len_bucket(length: int, max_len: int) -> int:
     """The window a decode step attends over when its furthest row holds `length` positions
-    (the new token included): `length` rounded up to KV_LEN_BUCKET, at most the cache's max_len."""
-    return min(max_len, -(-length // KV_LEN_BUCKET) * KV_LEN_BUCKET)
+    (the new token included): `length` rounded up to its bucket, at most the cache's max_len."""
+    step = max(KV_LEN_BUCKET, 1 << max(0, (length - 1).bit_length() - 3))
+    return min(max_len, -(-length // step) * step)
 
 
 @torch.no_grad()
@@ -74,14 +81,26 @@ def decode_step(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache, 
                 kv_len: int | None = None, max_settle_steps: int | None = None):
     """One new token per row of a decode batch whose row b is cache slot b (B <= kv_cache.n_slots;
     rows of free slots are padding: whatever they compute is ignored, and a slot is rewritten by
-    its next prefill). tokens and input_pos are (B,) on the model's device; kv_len (host int, from
-    kv_len_bucket) is the attended window, so the step reads nothing back from the device to size
-    itself. settle_steps (B,) (PC models; None = the checkpoint's default) with max_settle_steps, the
-    host's own max over the rows: 0 takes the unsettled path without a device read. Returns
-    (logits (B, V), stats)."""
-    slots = torch.arange(tokens.shape[0], device=tokens.device)
-    return model.forward_cached(tokens.view(-1, 1), input_pos.view(-1, 1), kv_cache, slots,
-                                settle_steps=settle_steps, last_only=True)
+    its next prefill). tokens and input_pos are (B,) on the model's device, every position below
+    the context length (the caller's guarantee: nothing is read back to check it); kv_len (host
+    int, from kv_len_bucket; None: the whole cache) is the attended window, so the step's shapes
+    depend on (B, kv_len) only. settle_steps (B,) (PC models; None = the checkpoint's default) with
+    max_settle_steps, the host's own max over the rows: 0 takes the unsettled path without a device
+    read. Returns (logits (B, V), stats)."""
+    cache = kv_cache.attention(input_pos.view(-1, 1), kv_cache.max_len if kv_len is None else kv_len)
+    return model.forward_cached(tokens.view(-1, 1), cache, settle_steps=settle_steps,
+                                max_settle_steps=max_settle_steps, last_only=True)
+
+
+@torch.no_grad()
+def decode(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache, slots: torch.Tensor,
+           settle_steps: torch.Tensor | None = None):
+    """The engine's former call (rows in any cache slots), kept only until the engine calls
+    decode_step: rows are gathered from their slots by index."""
+    _check_context(model, int(input_pos.max()) + 1)
+    cache = kv_cache.attention(input_pos.view(-1, 1), kv_len_bucket(int(input_pos.max()) + 1, kv_cache.max_len),
+                               torch.as_tensor(slots, device=tokens.device))
+    return model.forward_cached(tokens.view(-1, 1), cache, settle_steps=settle_steps, last_only=True)
 
 
 def _as_row_tensor(value, rows: int, device):
@@ -131,7 +150,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, params: Sampling
         counts[0, token] += 1
         if i + 1 == max_new_tokens:
             return
-        logits, stats = decode(model, token, torch.tensor([pos], device=device), cache,
-                               torch.tensor([0], device=device), steps)
+        logits, stats = decode_step(model, token, torch.tensor([pos], device=device), cache, steps,
+                                    kv_len=kv_len_bucket(pos + 1, cache.max_len),
+                                    max_settle_steps=settle_steps)
         stats = {k: v[0] for k, v in stats.items()}
         pos += 1

@@ -3,25 +3,19 @@
 Parameter names follow nanoGPT (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...), so
 nanoGPT's `ckpt.pt` and (after the Conv1D transposes) HuggingFace GPT-2 weights load unchanged.
 
-Two paths, one computation:
-  - training / evaluation: `model(idx)` over whole sequences through the modules, causal
-    attention, no cache;
-  - serving: `model.forward_cached(idx, input_pos, kv_cache, slots)` runs `cached_block` over each
-    block's tensors (looked up once, not through module calls per step): prefill writes the
-    prompt's K/V into cache slots, decode is the same call with one new token per row, each row at
-    its own position.
-Tests hold them together: cached logits equal the uncached ones.
+One forward path, gpt-fast style: the blocks take an optional attention context. Without one
+(training, evaluation) attention is causal over the sequence; with a cache's (serving) each
+layer writes its new keys and values into the cache rows of the batch and attends over a window
+of them, masked per row by position on the device, so a decode step's shapes depend only on the
+batch size and the window. CPU weight layouts are module swaps applied at load (formats.py).
 """
 
 import math
 from dataclasses import dataclass, asdict, fields
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from pcgpt.model.hugepages import empty_on_huge_pages
 
 
 @dataclass
@@ -101,15 +95,16 @@ class KVCache:
         self.n_slots = n_slots
         self.max_len = max_len or config.block_size
         shape = (config.n_layer, n_slots, config.n_head, self.max_len, config.head_dim)
-        if torch.device(device or "cpu").type == "cpu":
-            # every decode step reads each row's keys and values: on huge pages, as the weights are
-            self.k = empty_on_huge_pages(shape, dtype).zero_()
-            self.v = empty_on_huge_pages(shape, dtype).zero_()
-        else:
-            self.k = torch.zeros(shape, device=device, dtype=dtype)
-            self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         # each layer's view taken once: indexing self.k[layer] per access is one more op each time
         self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
+        # made once, sliced per forward (a small model's step is dominated by such small ops): the
+        # key positions, and where each (slot, head)'s position 0 lies in a layer seen as rows of D
+        H = config.n_head
+        self.positions = torch.arange(self.max_len, device=self.k.device)
+        slot_heads = torch.arange(n_slots, device=self.k.device)[:, None] * H + torch.arange(H, device=self.k.device)
+        self.row_offsets = (slot_heads * self.max_len)[:, :, None]  # (n_slots, H, 1)
 
     @property
     def nbytes(self) -> int:
@@ -119,39 +114,76 @@ class KVCache:
         """K and V of one position in one slot, over all layers."""
         return self.nbytes // (self.n_slots * self.max_len)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx: "CacheContext") -> None:
-        """Stores k/v (B, H, S, D) of a forward's rows ctx.slots at positions ctx.input_pos (B, S)."""
-        if isinstance(ctx.rows, slice) and ctx.positions is not None:
-            # contiguous slots all writing the same positions: a copy into a view, no scatter
-            # (a batch-1 step, or a batch whose rows are level; cheaper between large GEMVs)
-            self.k_layers[layer][ctx.rows, :, ctx.positions] = k
-            self.v_layers[layer][ctx.rows, :, ctx.positions] = v
-            return
-        rows = ctx.slots[:, None]
-        # advanced indices on dims 0 and 2 with a slice between: the indexed view is (B, S, H, D)
-        self.k_layers[layer][rows, :, ctx.input_pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v_layers[layer][rows, :, ctx.input_pos] = v.transpose(1, 2).to(self.v.dtype)
-
-    def read(self, layer: int, rows, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (B, H, length, D) of positions [0, length) for cache rows `rows`
-        (slot_rows(slots): one forward works out its rows once for every layer)."""
-        return self.k_layers[layer][rows, :, :length], self.v_layers[layer][rows, :, :length]
+    def attention(self, input_pos: torch.Tensor, kv_len: int, slots: torch.Tensor | None = None) -> "CachedAttention":
+        """What one cached forward's layers share: new tokens at positions input_pos (B, S) of cache
+        rows `slots` (B,) (None: rows 0..B-1, the decode batch), attending to positions [0, kv_len)."""
+        return CachedAttention(self, input_pos, kv_len, slots)
 
 
-def slot_rows(slots: torch.Tensor):
-    """The index that reads rows `slots` of the cache: a slice (a view, no gather) when the batch
-    is slots a, a+1, ..., a+B-1 (the common case), else the slots tensor itself."""
-    if _is_contiguous_range(slots):
-        start = int(slots[0])
-        return slice(start, start + slots.shape[0])
-    return slots
+class CachedAttention:
+    """One cached forward's view of the KV cache: which rows, which positions are written, which
+    window is read, and the mask over it, built once on the device for every layer. Shapes depend
+    only on (B, S, kv_len), never on the positions' values: a decode step is capturable."""
+
+    def __init__(self, cache: KVCache, input_pos: torch.Tensor, kv_len: int, slots: torch.Tensor | None):
+        if kv_len > cache.max_len:
+            raise ValueError(f"window of {kv_len} positions is beyond the cache's {cache.max_len}")
+        self.cache, self.input_pos, self.kv_len, self.slots = cache, input_pos, kv_len, slots
+        B, S = input_pos.shape
+        self.mask = cache.positions[:kv_len] <= input_pos.view(B, 1, S, 1)  # (B, 1, S, kv_len): causal per row
+        self._additive_masks = {}
+        # where the new keys/values go, as rows of a layer's cache seen as (slots·H·max_len, D): one
+        # index_copy_ a layer, whatever the rows' slots and positions
+        offsets = cache.row_offsets[:B] if slots is None else cache.row_offsets[slots]
+        self.write_index = (offsets + input_pos.view(B, 1, S)).view(-1)
+
+    def additive_mask(self, dtype) -> torch.Tensor:
+        """The mask as 0 / −inf in `dtype`, made once per forward: given a boolean mask, attention
+        would convert it in every layer."""
+        if dtype not in self._additive_masks:
+            self._additive_masks[dtype] = torch.where(self.mask, 0.0, float("-inf")).to(dtype)
+        return self._additive_masks[dtype]
+
+    def layer(self, layer: int) -> "LayerCache":
+        return LayerCache(self, self.cache.k_layers[layer], self.cache.v_layers[layer])
+
+    def layers(self, n: int) -> list["LayerCache"]:
+        return [self.layer(l) for l in range(n)]
 
 
-def _is_contiguous_range(slots: torch.Tensor) -> bool:
-    if slots.device.type != "cpu":
-        return False
-    n = slots.shape[0]
-    return n > 0 and bool((slots == torch.arange(int(slots[0]), int(slots[0]) + n)).all())
+class LayerCache:
+    """The attention context of one layer in a cached forward: stores the new keys and values,
+    then attends over the cached window."""
+    __slots__ = ("ctx", "k_cache", "v_cache")
+
+    def __init__(self, ctx: CachedAttention, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        self.ctx, self.k_cache, self.v_cache = ctx, k_cache, v_cache
+
+    def write(self, k, v) -> None:
+        """k, v (B, H, S, D) at positions ctx.input_pos of the forward's rows."""
+        ctx = self.ctx
+        if k.dtype != self.k_cache.dtype:
+            k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)
+        D = k.shape[-1]
+        self.k_cache.view(-1, D).index_copy_(0, ctx.write_index, k.reshape(-1, D))
+        self.v_cache.view(-1, D).index_copy_(0, ctx.write_index, v.reshape(-1, D))
+
+    def read(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, kv_len, D) of the window, for the forward's rows."""
+        ctx = self.ctx
+        if ctx.slots is None:
+            B = ctx.input_pos.shape[0]
+            k, v = self.k_cache[:B, :, :ctx.kv_len], self.v_cache[:B, :, :ctx.kv_len]
+        else:
+            k, v = self.k_cache[ctx.slots, :, :ctx.kv_len], self.v_cache[ctx.slots, :, :ctx.kv_len]
+        if k.dtype != dtype:
+            k, v = k.to(dtype), v.to(dtype)
+        return k, v
+
+    def attend(self, q, k, v):
+        self.write(k, v)
+        k_all, v_all = self.read(q.dtype)
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=self.ctx.additive_mask(q.dtype))
 
 
 def last_positions(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
@@ -159,47 +191,6 @@ def last_positions(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tenso
     if lengths is None:
         return x[:, -1]
     return x[torch.arange(x.shape[0], device=x.device), lengths.to(x.device) - 1]
-
-
-def attention_mask(input_pos: torch.Tensor, length: int) -> torch.Tensor:
-    """Boolean mask (B, 1, S, length): a query at position p sees keys at positions <= p."""
-    key_pos = torch.arange(length, device=input_pos.device)
-    return (key_pos[None, None, None, :] <= input_pos[:, None, :, None])
-
-
-@dataclass
-class CacheContext:
-    """What every layer's cached attention shares within one forward, computed once per forward
-    rather than once per layer (on a small model these small ops are much of a decode step)."""
-
-    slots: torch.Tensor  # (B,) the cache row of each batch row
-    input_pos: torch.Tensor  # (B, S) the position of each new token
-    length: int  # keys read: positions [0, length), the furthest row's
-    mask: torch.Tensor | None  # (B, 1, S, length) or None when every query sees every key read
-    rows: object  # slot_rows(slots)
-    positions: slice | None = None  # the positions every row writes, when they are the same range
-
-    @property
-    def batch(self) -> int:
-        return self.input_pos.shape[0]
-
-    @property
-    def seq(self) -> int:
-        return self.input_pos.shape[1]
-
-    @classmethod
-    def build(cls, slots: torch.Tensor, input_pos: torch.Tensor) -> "CacheContext":
-        length = int(input_pos.max()) + 1
-        positions = None
-        if input_pos.shape[1] == 1 and bool((input_pos == length - 1).all()):
-            mask = None  # one query per row, all rows at the last position: nothing to mask
-            positions = slice(length - 1, length)
-        else:
-            mask = attention_mask(input_pos, length)
-            S = input_pos.shape[1]
-            if length == S and bool((input_pos == torch.arange(S, device=input_pos.device)).all()):
-                positions = slice(0, S)  # prompts from position 0 (prefill)
-        return cls(slots, input_pos, length, mask, slot_rows(slots), positions)
 
 
 class CausalSelfAttention(nn.Module):
@@ -221,16 +212,19 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
-    def attend(self, q, k, v):
-        """Causal attention output projected back to the residual stream."""
-        B, H, S, D = q.shape
-        dropout = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, S, H * D)
+    def forward(self, x, context=None):
+        """Attention output (B, S, C) projected back to the residual stream. Without a context:
+        causal attention over x's own positions. With one (anything with attend(q, k, v): a
+        LayerCache when serving, the amortised past when PC settles) the context supplies the keys."""
+        B, S, C = x.shape
+        q, k, v = self.qkv(x)
+        if context is None:
+            dropout = self.attn_dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            y = context.attend(q, k, v)
+        y = y.transpose(1, 2).reshape(B, S, C)
         return apply_dropout(self.resid_dropout, self.c_proj(y))
-
-    def forward(self, x):
-        return self.attend(*self.qkv(x))
 
 
 class MLP(nn.Module):
@@ -243,7 +237,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return apply_dropout(self.dropout, self.c_proj(gelu(self.c_fc(x), self.approximate)))
+        return apply_dropout(self.dropout, self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -255,132 +249,9 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, context=None):
+        x = x + self.attn(self.ln_1(x), context)
         return x + self.mlp(self.ln_2(x))
-
-    def tensors(self) -> "BlockTensors":
-        return BlockTensors((self.ln_1.weight, self.ln_1.bias), LinearTensors.of(self.attn.c_attn),
-                            LinearTensors.of(self.attn.c_proj), (self.ln_2.weight, self.ln_2.bias),
-                            LinearTensors.of(self.mlp.c_fc), LinearTensors.of(self.mlp.c_proj))
-
-
-# --- the cached forward (prefill and decode) on plain tensors ------------------------------------
-# Serving runs the blocks below rather than the modules above: the same computation, with each
-# block's tensors looked up once (GPT.block_tensors) instead of through nn.Module calls and
-# attribute lookups every step. Between the weight streams of a CPU decode step those cost more
-# than the arithmetic: a GPT-2 batch-1 step 20.2 -> 18.1 ms (BENCHMARKS.md). The equivalence
-# tests (cached == uncached) hold the two paths together.
-
-
-def packed_linear(x, packed, bias):
-    """x @ weight.T + bias with oneDNN's prepacked bf16 weight (no backward)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-class LinearTensors(NamedTuple):
-    """One nn.Linear as the cached forward applies it."""
-    weight_t: torch.Tensor  # weight.t(): [in, out], what addmm reads (contiguous after to_inference_layout)
-    bias: torch.Tensor | None
-    packed: torch.Tensor | None  # PrepackedLinear's oneDNN copy, else None
-
-    @classmethod
-    def of(cls, module: nn.Linear) -> "LinearTensors":
-        return cls(module.weight.t(), module.bias, getattr(module, "packed", None))
-
-    def __call__(self, x):
-        """x (N, in) @ weight.T + bias."""
-        if self.packed is not None:
-            return packed_linear(x, self.packed, self.bias)
-        return x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
-
-
-class BlockTensors(NamedTuple):
-    """One block's tensors for the cached forward."""
-    ln_1: tuple  # (weight, bias) of the layer norm before attention
-    c_attn: LinearTensors  # queries, keys and values
-    attn_proj: LinearTensors  # attention output back to the residual stream
-    ln_2: tuple  # (weight, bias) of the layer norm before the MLP
-    c_fc: LinearTensors
-    mlp_proj: LinearTensors
-
-
-class without_onednn:
-    """oneDNN off while the block runs (process-wide: another thread's op in that moment takes
-    ATen's kernel too, which computes the same function). On CPU PyTorch hands exact-erf GELU and
-    its backward to oneDNN, whose per-call set-up dominates at decode sizes: GELU of 3,072 fp32
-    elements 8.9 us against ATen's 2.6 us hot, ~40 us a layer inside a GPT-2 decode step; the
-    backward 26 us a call in a PC settle step (BENCHMARKS.md)."""
-
-    def __enter__(self):
-        self.enabled = torch._C._get_mkldnn_enabled()
-        torch._C._set_mkldnn_enabled(False)
-
-    def __exit__(self, *exc):
-        torch._C._set_mkldnn_enabled(self.enabled)
-
-
-def gelu(x, approximate: str):
-    """F.gelu on ATen's kernel (see without_onednn)."""
-    with without_onednn():
-        return F.gelu(x, approximate=approximate)
-
-
-def block_qkv(x, w: BlockTensors, batch: int, seq: int, n_head: int):
-    """Queries, keys and values (B, H, S, D) of a block's rows x (B·S, C): ln_1, then c_attn."""
-    C = x.shape[1]
-    h = F.layer_norm(x, (C,), *w.ln_1, 1e-5)
-    return w.c_attn(h).view(batch, seq, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def block_after_attention(x, y, w: BlockTensors, approximate: str):
-    """The rest of a block for rows x (B·S, C) once attention gave y (B, H, S, D): the output
-    projection and the MLP, each added to the residual stream."""
-    B, H, S, D = y.shape
-    x = w.attn_proj(y.transpose(1, 2).reshape(B * S, H * D)) + x
-    h = F.layer_norm(x, (x.shape[1],), *w.ln_2, 1e-5)
-    return w.mlp_proj(gelu(w.c_fc(h), approximate)) + x
-
-
-def cached_block(x, w: BlockTensors, layer: int, kv_cache: "KVCache", ctx: CacheContext, config: GPTConfig):
-    """Block.forward for rows x (B·S, C) of a cached forward: the new keys and values go into the
-    cache, attention reads each row's history from it."""
-    q, k, v = block_qkv(x, w, ctx.batch, ctx.seq, config.n_head)
-    kv_cache.write(layer, k, v, ctx)
-    # only the window up to the furthest position in the batch takes part
-    k_all, v_all = kv_cache.read(layer, ctx.rows, ctx.length)
-    if k_all.dtype != q.dtype:
-        k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
-    y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=ctx.mask)
-    return block_after_attention(x, y, w, config.gelu_approximate)
-
-
-def onednn_bf16_available() -> bool:
-    """oneDNN with native bf16 on this CPU (AVX512-BF16 or AMX): where prepacked bf16 pays."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-class PrepackedLinear(nn.Linear):
-    """An nn.Linear for bf16 inference on CPU: the same weight and bias Parameters (so names,
-    shapes, state_dict and the wte / lm_head tie are unchanged) plus a copy of the weight
-    prepacked in oneDNN's blocked layout, which its AMX / AVX512-BF16 kernels read at close to
-    memory speed (the copy costs the weight's bytes again). Calls that build a graph through the
-    input (PC settling differentiates through the blocks) take F.linear: the prepacked kernel has
-    no backward."""
-
-    @classmethod
-    def wrap(cls, linear: nn.Linear) -> "PrepackedLinear":
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.in_features, module.out_features = linear.in_features, linear.out_features
-        module.weight, module.bias = linear.weight, linear.bias
-        module.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), 1)
-        return module
-
-    def forward(self, x):
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return F.linear(x, self.weight, self.bias)
-        return packed_linear(x, self.packed, self.bias)
 
 
 class GPT(nn.Module):
@@ -405,7 +276,6 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        self.register_load_state_dict_post_hook(self.forget_tensors)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -434,72 +304,44 @@ class GPT(nn.Module):
         return 2 * c.n_layer * c.n_embd * torch.tensor([], dtype=dtype).element_size()
 
     def embed(self, idx, input_pos=None):
-        """z_0: token plus position embedding of idx (B, S)."""
+        """z_0: token plus position embedding of idx (B, S); positions 0..S-1 unless input_pos
+        (B, S) names them (a cached forward: its caller keeps positions within the context)."""
         if input_pos is None:
-            input_pos = torch.arange(idx.shape[1], device=idx.device)[None, :]
-        if int(input_pos.max()) >= self.config.block_size:
-            raise ValueError(f"position {int(input_pos.max())} is beyond the context of {self.config.block_size}")
+            if idx.shape[1] > self.config.block_size:
+                raise ValueError(f"position {idx.shape[1] - 1} is beyond the context of {self.config.block_size}")
+            input_pos = torch.arange(idx.shape[1], device=idx.device)
         return apply_dropout(self.transformer.drop, self.transformer.wte(idx) + self.transformer.wpe(input_pos))
 
     def head(self, x):
         """Logits of the final residual states x (..., C)."""
         return self.lm_head(self.transformer.ln_f(x))
 
-    def forward(self, idx, input_pos=None, kv_cache=None, slots=None):
-        """Logits (B, S, V) for tokens idx (B, S).
+    def states(self, idx, cache: CachedAttention | None = None) -> list[torch.Tensor]:
+        """The residual stream [z_0 (the embeddings), z_1..z_L (after each block)], each (B, S, C).
+        Without a cache: causal attention over idx's own positions (training, evaluation). With
+        one (KVCache.attention): tokens at cache.input_pos, whose keys and values go into the cache
+        while attention reads each row's cached window (prefill, decode)."""
+        x = self.embed(idx, None if cache is None else cache.input_pos)
+        zs = [x]
+        contexts = [None] * self.config.n_layer if cache is None else cache.layers(self.config.n_layer)
+        for block, context in zip(self.transformer.h, contexts):
+            x = block(x, context)
+            zs.append(x)
+        return zs
 
-        Without a cache: causal attention over the whole sequence (training, evaluation).
-        With a cache: `input_pos` (B, S) gives each token's position and `slots` (B,) the cache
-        row of each sequence; the new K/V are stored and attention reads the slot's history.
-        """
-        if kv_cache is not None:
-            assert input_pos is not None and slots is not None, "cached forward needs input_pos and slots"
-            return self.forward_cached(idx, input_pos, kv_cache, slots, last_only=False)[0]
-        x = self.embed(idx)
-        for block in self.transformer.h:
-            x = block(x)
-        return self.head(x)
+    def forward(self, idx, cache: CachedAttention | None = None):
+        """Logits (B, S, V) for tokens idx (B, S) (see states for the cache)."""
+        return self.head(self.states(idx, cache)[-1])
 
-    def cached_states(self, x, input_pos, kv_cache, slots) -> list[torch.Tensor]:
-        """The residual stream after each block of a cached forward from the embeddings x
-        (B, S, C), as rows (B·S, C)."""
-        ctx = CacheContext.build(slots, input_pos)
-        x = x.reshape(-1, x.shape[-1])
-        states = []
-        for layer, tensors in enumerate(self.block_tensors()):
-            x = cached_block(x, tensors, layer, kv_cache, ctx, self.config)
-            states.append(x)
-        return states
-
-    def forward_cached(self, idx, input_pos, kv_cache, slots, settle_steps=None, last_only=True, lengths=None):
-        """Cached forward for serving: (logits, stats). Logits are (B, V) of each row's last
-        token when last_only, else (B, S, V); `lengths` (B,) marks right-padded rows, whose last
-        token is then at lengths − 1. The baseline has no per-token stats and no settling;
-        `settle_steps` is accepted so both model types share one call."""
-        x = self.cached_states(self.embed(idx, input_pos), input_pos, kv_cache, slots)[-1].view(*idx.shape, -1)
+    def forward_cached(self, idx, cache: CachedAttention, settle_steps=None, max_settle_steps=None,
+                       last_only=True, lengths=None):
+        """Serving's forward: (logits, stats). Logits are (B, V) of each row's last token when
+        last_only, else (B, S, V); `lengths` (B,) marks right-padded rows, whose last token is then
+        at lengths − 1. The baseline has no per-token stats and no settling; the settle arguments
+        are accepted so both model types share one call."""
+        x = self.states(idx, cache)[-1]
         # the output head is the largest matmul for a small model: run it only where needed
         return self.head(last_positions(x, lengths) if last_only else x), {}
-
-    # the tensors the cached forward (inference only: it writes the cache in place) uses, looked up
-    # once and dropped whenever the parameters may have moved (.to(), load_state_dict,
-    # to_inference_layout)
-    _block_tensors: list | None = None
-
-    def block_tensors(self) -> list["BlockTensors"]:
-        if self._block_tensors is None:
-            self._block_tensors = [block.tensors() for block in self.transformer.h]
-        return self._block_tensors
-
-    def forget_tensors(self, *_):
-        self._block_tensors = None
-
-    def __getstate__(self):
-        # a copy (deepcopy, pickle) gets Parameters of its own: views of these would be stale there
-        return {**super().__getstate__(), "_block_tensors": None}
-
-    def _apply(self, fn, *args, **kwargs):
-        self.forget_tensors()
-        return super()._apply(fn, *args, **kwargs)
 
     def loss(self, idx, targets):
         """Training loss: mean next-token cross-entropy (nats); returns (loss, extra info)."""
@@ -518,39 +360,12 @@ class GPT(nn.Module):
             if isinstance(module, CausalSelfAttention):
                 module.attn_dropout = p
 
-    @torch.no_grad()
-    def to_inference_layout(self) -> "GPT":
-        """The weight layout the CPU kernels stream fastest, with every name, shape, value and the
-        wte / lm_head tie unchanged. For serving: training keeps the usual layout.
-
-        fp32: each matrix stored [in, out] (a transposed view of a transposed copy), the layout BLAS
-        reads fastest for a few rows: a batch-1 GPT-2 decode step ~6% faster, the lm_head ~15%
-        (HF's Conv1D keeps GPT-2 this way); the copies on huge pages where Linux offers them
-        (model/hugepages.py), ~4% more. bf16 on a CPU with native bf16 (AVX512-BF16 / AMX):
-        each nn.Linear becomes a PrepackedLinear: a GPT-2 decode step 1.4× (batch 1) to 2.3×
-        (batch 16-64) fp32's, where bf16 through F.linear is no faster than fp32 (BENCHMARKS.md).
-        Other devices keep their layout."""
-        self.forget_tensors()
-        if self.lm_head.weight.device.type != "cpu":
-            return self
-        if self.lm_head.weight.dtype == torch.float32:
-            for module in self.modules():
-                if isinstance(module, nn.Linear):
-                    weight = module.weight.data
-                    stored = empty_on_huge_pages((weight.shape[1], weight.shape[0]))
-                    module.weight.data = stored.copy_(weight.t()).t()
-        elif self.lm_head.weight.dtype == torch.bfloat16 and onednn_bf16_available():
-            for parent in list(self.modules()):
-                for name, child in parent.named_children():
-                    if type(child) is nn.Linear:
-                        setattr(parent, name, PrepackedLinear.wrap(child))
-        return self
-
     def weight_bytes(self) -> int:
-        """Bytes the weights hold in memory: parameters, buffers and any prepacked copies."""
+        """Bytes the weights hold in memory: parameters, buffers and any copies a weight format
+        keeps beside them (pcgpt.model.formats)."""
         tensors = [*self.parameters(), *self.buffers()]
-        packed = sum(m.weight.numel() * m.weight.element_size() for m in self.modules() if isinstance(m, PrepackedLinear))
-        return sum(t.numel() * t.element_size() for t in tensors) + packed
+        extra = sum(getattr(m, "extra_weight_bytes", 0) for m in self.modules())
+        return sum(t.numel() * t.element_size() for t in tensors) + extra
 
     def new_cache(self, n_slots: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         p = self.lm_head.weight

@@ -6,7 +6,7 @@ anonymous mapping with huge pages where it is advised to (MADV_HUGEPAGE) before 
 the usual system setting ("madvise") gives them to nobody else. PyTorch's own switch
 (THP_MEM_ALLOC_ENABLE) is read once, at its first allocation (in practice before `import torch`
 returns), and then applies to every allocation of 2 MiB or more; this applies to the tensors that
-ask for it, wherever the model is loaded (BENCHMARKS.md: a GPT-2 step ~4% faster).
+ask for it, wherever the model is loaded (formats.RowsLinear's weight copies).
 """
 
 import functools

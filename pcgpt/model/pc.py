@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pcgpt.model.gpt import GPT, BlockTensors, GPTConfig, block_after_attention, block_qkv, gelu, without_onednn, LayerNorm, last_positions, slot_rows
+from pcgpt.model.gpt import GPT, CachedAttention, GPTConfig, LayerNorm, last_positions
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Generator(nn.Module):
                 nn.init.zeros_(lin.bias)
 
     def forward(self, z):
-        return z + self.c_proj(gelu(self.c_fc(self.ln(z)), self.approximate))
+        return z + self.c_proj(F.gelu(self.c_fc(self.ln(z)), approximate=self.approximate))
 
 
 @dataclass
@@ -104,14 +104,17 @@ def sq_norms(errors):
     return torch.stack(errors, dim=-2).square().sum(-1)
 
 
-def block_with_past(w: BlockTensors, x, k_past, v_past, past_mask, config: GPTConfig):
-    """f_l for settling positions x (B, S, C), on block l's tensors: the baseline block with
-    attention_with_past."""
-    B, S, C = x.shape
-    rows = x.reshape(B * S, C)
-    q, k, v = block_qkv(rows, w, B, S, config.n_head)
-    y = attention_with_past(q, k, v, k_past, v_past, past_mask)
-    return block_after_attention(rows, y, w, config.gelu_approximate).view(B, S, C)
+class PastAttention:
+    """The attention context of a settling layer (Block.forward's `context`): the queries attend
+    to the amortised keys/values of earlier positions and to their own (attention_with_past), so
+    the energy's f_l is the baseline's Block module itself."""
+    __slots__ = ("k_past", "v_past", "past_mask")
+
+    def __init__(self, k_past, v_past, past_mask):
+        self.k_past, self.v_past, self.past_mask = k_past, v_past, past_mask
+
+    def attend(self, q, k, v):
+        return attention_with_past(q, k, v, self.k_past, self.v_past, self.past_mask)
 
 
 class PCGPT(GPT):
@@ -141,25 +144,14 @@ class PCGPT(GPT):
 
     # --- energy and settling ------------------------------------------------------------------
 
-    def energy_blocks(self) -> list[BlockTensors]:
-        """Each block's tensors for the energy: the inference set, looked up once, when no block
-        weight takes a gradient (serving); else taken afresh from the modules, so gradients reach
-        the weights (training)."""
-        if any(p.requires_grad for p in self.transformer.h.parameters()):
-            return [block.tensors() for block in self.transformer.h]
-        return self.block_tensors()
-
-    def energy(self, z0, zs, pasts, past_mask, kappa, targets=None, blocks=None):
+    def energy(self, z0, zs, pasts, past_mask, kappa, targets=None):
         """Energy per position (B, S) and the errors: z0 clamped, zs = [z_1..z_L] (B, S, C);
-        pasts[l] = (k, v) that layer l's attention reads for earlier positions; blocks the blocks'
-        tensors (energy_blocks() when not given). With targets (B, S) the output is clamped too:
-        the CE of the readout joins the energy (local learning)."""
-        blocks = blocks or self.energy_blocks()
+        pasts[l] = (k, v) that layer l's attention reads for earlier positions. With targets (B, S)
+        the output is clamped too: the CE of the readout joins the energy (local learning)."""
         up, down = [], []
         below = z0
-        for l, (w, gen) in enumerate(zip(blocks, self.generators)):
-            k_past, v_past = pasts[l]
-            up.append(zs[l] - block_with_past(w, below, k_past, v_past, past_mask, self.config))
+        for l, (block, gen) in enumerate(zip(self.transformer.h, self.generators)):
+            up.append(zs[l] - block(below, PastAttention(*pasts[l], past_mask)))
             down.append(below - gen(zs[l]))
             below = zs[l]
         e_up = sq_norms(up)  # (B, S, L)
@@ -174,7 +166,7 @@ class PCGPT(GPT):
         """Energy and its gradient at the feed-forward states, where every bottom-up error is zero
         by construction (z_l = f_l(z_{l−1})): only the generators enter, so the first settling
         step needs no pass through the blocks. Returns (E, e_up, e_down, grads)."""
-        with torch.enable_grad(), without_onednn():  # GELU's backward on ATen's kernel
+        with torch.enable_grad():
             leaves = [z.detach().requires_grad_(True) for z in zs]
             below = z0
             down = []
@@ -192,7 +184,7 @@ class PCGPT(GPT):
         return 1.0 + kappa + upper
 
     def settle(self, z0, zs, pasts, past_mask, steps, alpha, kappa=None, create_graph=False, targets=None,
-               from_feedforward=None):
+               from_feedforward=None, max_steps=None):
         """Settles zs = [z_1..z_L] (B, S, C) for steps[b] steps per row (B,).
 
         Gradient descent on E w.r.t. z only, divided by D_l, all layers in parallel. Backtracking:
@@ -200,17 +192,15 @@ class PCGPT(GPT):
         config.early_stop > 0 a position stops once its energy falls by less than that fraction.
         from_feedforward (default: when not unrolling for training and no targets are clamped):
         zs are the feed-forward states, so the start's energy and gradient come from the
-        generators alone (feedforward_energy): the first step needs no backward pass through the blocks
-        (T = 1 measured 3.9–4.3× the baseline on the char model: BENCHMARKS.md, small-op overhead).
+        generators alone (feedforward_energy): the first step needs no backward pass through the blocks.
         Returns (zs, info) with per-position energy0, energy, steps used, rejections and the
-        final squared error norms per layer.
+        final squared error norms per layer. max_steps: steps.max() when the caller knows it.
         """
         if from_feedforward is None:
             from_feedforward = not create_graph and targets is None
         if not create_graph:  # attention as one fused call (see OwnKeyMask)
             past_mask = OwnKeyMask.from_past(past_mask, z0.shape[0])
         kappa = self.kappa() if kappa is None else kappa
-        blocks = self.energy_blocks()
         inv_D = (1.0 / self.preconditioner(kappa.detach())).tolist()  # κ only scales z's step: no gradient
         B, S, _ = z0.shape
         step_size = torch.full((B, S), float(alpha), device=z0.device, dtype=z0.dtype)
@@ -226,19 +216,19 @@ class PCGPT(GPT):
             # through the other states or the amortised K/V.
             if create_graph:
                 handles = [torch.zeros_like(z, requires_grad=True) for z in states]
-                E, up, down = self.energy(z0, [z + h for z, h in zip(states, handles)], pasts, past_mask, kappa, targets,
-                                          blocks)
+                E, up, down = self.energy(z0, [z + h for z, h in zip(states, handles)], pasts, past_mask, kappa, targets)
                 return states, handles, E, up, down
             if not need_grad:  # the last step only needs the energy, to accept or reject
                 with torch.no_grad():
                     states = [z.detach() for z in states]
-                    return (states, None, *self.energy(z0, states, pasts, past_mask, kappa, targets, blocks))
+                    return (states, None, *self.energy(z0, states, pasts, past_mask, kappa, targets))
             states = [z.detach().requires_grad_(True) for z in states]
-            E, up, down = self.energy(z0, states, pasts, past_mask, kappa, targets, blocks)
+            E, up, down = self.energy(z0, states, pasts, past_mask, kappa, targets)
             return states, states, E, up, down
 
-        max_steps = int(steps.max()) if steps.numel() else 0
-        with torch.enable_grad(), without_onednn():  # GELU's backward on ATen's kernel
+        if max_steps is None:
+            max_steps = int(steps.max()) if steps.numel() else 0
+        with torch.enable_grad():
             if from_feedforward:
                 E, e_up, e_down, grads = self.feedforward_energy(z0, zs, kappa)
                 zs = [z.detach() for z in zs]
@@ -289,16 +279,9 @@ class PCGPT(GPT):
 
     # --- forward paths --------------------------------------------------------------------------
 
-    def feedforward(self, idx, input_pos=None, kv_cache=None, slots=None):
+    def feedforward(self, idx, cache: CachedAttention | None = None):
         """Amortised states [z_0..z_L] (the baseline's residual stream), writing the cache if given."""
-        x = self.embed(idx, input_pos)
-        if kv_cache is not None:
-            return [x] + [z.view(x.shape) for z in self.cached_states(x, input_pos, kv_cache, slots)]
-        zs = [x]
-        for block in self.transformer.h:
-            x = block(x)
-            zs.append(x)
-        return zs
+        return self.states(idx, cache)
 
     def parallel_context(self, zs):
         """For every position at once: each layer's amortised keys/values and a strictly-causal
@@ -312,20 +295,18 @@ class PCGPT(GPT):
         mask = (pos[None, :] < pos[:, None])[None, None]
         return pasts, mask
 
-    def cached_context(self, kv_cache, slots, query_pos):
-        """Keys/values of earlier positions from the cache, for queries at query_pos (B, S)."""
-        length = max(int(query_pos.max()), 1)
-        rows = slot_rows(slots)
-        pasts = [kv_cache.read(l, rows, length) for l in range(self.config.n_layer)]
-        key_pos = torch.arange(length, device=query_pos.device)
-        mask = key_pos[None, None, None, :] < query_pos[:, None, :, None]
-        return [(k.to(self.lm_head.weight.dtype), v.to(self.lm_head.weight.dtype)) for k, v in pasts], mask
+    def cached_context(self, cache: CachedAttention, query_pos):
+        """Each layer's keys/values of the cache's window, and the mask (B, 1, S, kv_len) of the
+        positions strictly before each query at query_pos (B, S)."""
+        dtype = self.lm_head.weight.dtype
+        pasts = [layer.read(dtype) for layer in cache.layers(self.config.n_layer)]
+        return pasts, cache.cache.positions[:cache.kv_len] < query_pos[:, None, :, None]
 
     def _steps(self, settle_steps, batch, device):
         if settle_steps is None:
             settle_steps = self.config.default_settle_steps
         if not isinstance(settle_steps, torch.Tensor):
-            settle_steps = torch.full((batch,), int(settle_steps), dtype=torch.long)
+            settle_steps = torch.full((batch,), int(settle_steps), dtype=torch.long, device=device)
         return settle_steps.to(device=device, dtype=torch.long).view(batch)
 
     def settled_forward(self, idx, settle_steps=None, alpha=None, create_graph=False):
@@ -339,30 +320,37 @@ class PCGPT(GPT):
                                     kappa=kappa.detach() if create_graph else kappa, create_graph=create_graph)
         return self.head(settled[-1]), self.head(zs[-1]), info
 
-    def forward(self, idx, input_pos=None, kv_cache=None, slots=None, settle_steps=None):
+    def forward(self, idx, cache: CachedAttention | None = None, settle_steps=None):
         """Logits like GPT.forward; uncached calls settle every position (default steps)."""
-        if kv_cache is not None:
-            logits, _ = self.forward_cached(idx, input_pos, kv_cache, slots, settle_steps, last_only=False)
+        if cache is not None:
+            logits, _ = self.forward_cached(idx, cache, settle_steps, last_only=False)
             return logits
         return self.settled_forward(idx, settle_steps)[0]
 
-    def forward_cached(self, idx, input_pos, kv_cache, slots, settle_steps=None, last_only=True, lengths=None):
+    def forward_cached(self, idx, cache: CachedAttention, settle_steps=None, max_settle_steps=None,
+                       last_only=True, lengths=None):
         """Serving: the amortised pass writes the cache, then the newest position of each row
         settles (every given position when not last_only; the one at lengths − 1 for right-padded
-        rows). Returns (logits, stats) with per-row stats (per position when not last_only)."""
-        zs = self.feedforward(idx, input_pos, kv_cache, slots)
+        rows). settle_steps (B,) or an int (None: the checkpoint's default); max_settle_steps their
+        max when the caller knows it on the host (0: nothing settles, and nothing is read back from
+        the device). Returns (logits, stats) with per-row stats (per position when not last_only)."""
+        zs = self.feedforward(idx, cache)
+        query_pos = cache.input_pos
         if last_only:
             zs = [last_positions(z, lengths)[:, None] for z in zs]
-            input_pos = last_positions(input_pos, lengths)[:, None]
+            query_pos = last_positions(query_pos, lengths)[:, None]
         steps = self._steps(settle_steps, idx.shape[0], idx.device)
-        if int(steps.max()) == 0:
+        if max_settle_steps is None:  # not known on the host: read it back
+            max_settle_steps = int(steps.max())
+        if max_settle_steps == 0:
             # nothing settles: the baseline's logits, and the feed-forward energy from the
             # generators alone (no cache reads, no gradient, the head once)
             logits = self.head(zs[-1])
             stats = self.uncertainty(logits, logits, self.unsettled_info(zs))
         else:
-            pasts, mask = self.cached_context(kv_cache, slots, input_pos)
-            settled, info = self.settle(zs[0], zs[1:], pasts, mask, steps, self.config.alpha)
+            pasts, mask = self.cached_context(cache, query_pos)
+            settled, info = self.settle(zs[0], zs[1:], pasts, mask, steps, self.config.alpha,
+                                        max_steps=max_settle_steps)
             logits, logits0 = self.head(settled[-1]), self.head(zs[-1])
             stats = self.uncertainty(logits, logits0, info)
         if last_only:
@@ -454,10 +442,10 @@ class PCGPT(GPT):
         kappa = self.kappa()
         d = self.config.n_embd
         total = 0.0
-        for l, (w, gen) in enumerate(zip(self.energy_blocks(), self.generators)):
+        for l, (block, gen) in enumerate(zip(self.transformer.h, self.generators)):
             below, here = states[l].detach(), states[l + 1].detach()
             k_past, v_past = pasts[l]
-            e_up = here - block_with_past(w, below, k_past.detach(), v_past.detach(), mask, self.config)
+            e_up = here - block(below, PastAttention(k_past.detach(), v_past.detach(), mask))
             e_down = below - gen(here)
             total = total + 0.5 * (e_up * e_up).sum(-1).mean() / d
             total = total + (0.5 * kappa[l] * (e_down * e_down).sum(-1).mean() - 0.5 * d * torch.log(kappa[l])) / d

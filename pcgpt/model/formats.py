@@ -1,0 +1,104 @@
+"""CPU weight formats, applied at load as module swaps (gpt-fast's quantize.py pattern).
+
+Each format replaces modules of a model built by gpt.py / pc.py with subclasses that compute the
+same function from the same Parameters (names, shapes, values, state_dict and the wte / lm_head
+tie unchanged) in a form a CPU kernel reads faster. The model files know nothing of them; serving
+applies them through `to_inference_format` (checkpoint.load_for_inference). Training keeps the
+plain modules.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pcgpt.model.hugepages import empty_on_huge_pages
+
+
+class RowsLinear(nn.Linear):
+    """An fp32 nn.Linear whose weight is stored [in, out] (a transposed view of a contiguous
+    [in, out] copy; the Parameter and its [out, in] shape are unchanged), on transparent huge
+    pages where Linux offers them (hugepages.py): the layout BLAS streams fastest for the few rows
+    of a decode step (HF's Conv1D keeps GPT-2 so), with fewer TLB misses over a weight stream that
+    is read end to end every step. F.linear takes the transposed view as it is."""
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, huge_pages: bool = True) -> "RowsLinear":
+        module = _same_parameters(cls, linear)
+        with torch.no_grad():
+            weight = linear.weight.data
+            shape = (weight.shape[1], weight.shape[0])
+            stored = empty_on_huge_pages(shape, weight.dtype) if huge_pages else torch.empty(shape, dtype=weight.dtype)
+            module.weight.data = stored.copy_(weight.t()).t()
+        return module
+
+
+def onednn_bf16_available() -> bool:
+    """oneDNN with native bf16 on this CPU (AVX512-BF16 or AMX): where prepacked bf16 pays."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class PrepackedLinear(nn.Linear):
+    """An nn.Linear for bf16 inference on CPU: the same weight and bias Parameters plus a copy of
+    the weight prepacked in oneDNN's blocked layout, which its AMX / AVX512-BF16 kernels read at
+    close to memory speed (the copy costs the weight's bytes again; extra_weight_bytes counts it).
+    Calls that build a graph through the input (PC settling differentiates through the blocks) take
+    F.linear: the prepacked kernel has no backward."""
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear) -> "PrepackedLinear":
+        module = _same_parameters(cls, linear)
+        module.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), 1)
+        module.extra_weight_bytes = linear.weight.numel() * linear.weight.element_size()
+        return module
+
+    def forward(self, x):
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def _same_parameters(cls, linear: nn.Linear):
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    module.in_features, module.out_features = linear.in_features, linear.out_features
+    module.weight, module.bias = linear.weight, linear.bias
+    return module
+
+
+def swap_modules(model: nn.Module, kind: type, make) -> int:
+    """Replaces every child of exactly type `kind` by make(child); returns how many."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is kind:
+                setattr(parent, name, make(child))
+                n += 1
+    return n
+
+
+def default_formats(model: nn.Module) -> tuple[str, ...]:
+    """The formats that pay for this model's device and dtype (BENCHMARKS.md)."""
+    weight = model.lm_head.weight
+    if weight.device.type != "cpu":
+        return ()
+    if weight.dtype == torch.float32:
+        return ("rows",)
+    if weight.dtype == torch.bfloat16 and onednn_bf16_available():
+        return ("prepacked",)
+    return ()
+
+
+FORMATS = {
+    "rows": (nn.Linear, RowsLinear.wrap),
+    "rows_plain": (nn.Linear, lambda m: RowsLinear.wrap(m, huge_pages=False)),
+    "prepacked": (nn.Linear, PrepackedLinear.wrap),
+}
+
+
+@torch.no_grad()
+def to_inference_format(model: nn.Module, formats: tuple[str, ...] | None = None) -> nn.Module:
+    """Applies `formats` (default: default_formats(model)) in place; returns the model."""
+    for name in default_formats(model) if formats is None else formats:
+        kind, make = FORMATS[name]
+        swap_modules(model, kind, make)
+    return model
