@@ -47,7 +47,7 @@ def _mixed(tokenizer, settle=None):
         _request(tokenizer, "First Citizen:\n", sampling=SamplingParams(temperature=0.7, min_p=0.05,
                                                                        frequency_penalty=0.5), uncertainty=True,
                  settle_steps=settle),
-        _request(tokenizer, "O", sampling=SamplingParams(temperature=1.0)),  # asks for nothing
+        _request(tokenizer, "O", sampling=SamplingParams(temperature=1.0), settle_steps=settle),  # asks for nothing
     ]
 
 
@@ -120,27 +120,33 @@ def _steps(engine, n):
         torch.set_grad_enabled(True)
 
 
-@pytest.mark.parametrize("kind", ["base", "pc"])
-def test_steady_decode_step_reads_nothing_back_but_one_packed_result(models, kind, model_calls):
+@pytest.mark.parametrize("kind,settle", [("base", None), ("pc", 0), ("pc", 1)])
+def test_steady_decode_step_reads_nothing_back_but_one_packed_result(models, kind, settle, model_calls):
+    """The engine's side of a step, and the model's decode step itself for the baseline and PC at
+    T = 0 (settling at T >= 1 runs eagerly, with its backtracking decisions read on the host)."""
     model, tokenizer = models[kind], models["tokenizer"]
     engine = _engine(model, tokenizer)
-    requests = _mixed(tokenizer, settle=1 if kind == "pc" else None)
+    requests = _mixed(tokenizer, settle=settle)
     engine.submit(requests)
     _steps(engine, 3)  # admission + prefill + first decodes
     assert len(engine.running) == len(requests)
 
     steady = _counted_step(engine, model_calls)
     assert steady.engine == {"reads": 0, "from_host": 0, "to_host_buffer": 1}, steady.engine
+    if not settle:
+        assert steady.model == {"reads": 0, "from_host": 0}, steady.model
 
     # a step that admits a request: one packed copy of the admission, and one more transfer
     # (the new request's first token, sampled after its prefill)
     engine.submit([_request(tokenizer, "HAMLET:\n", sampling=SamplingParams(temperature=0.9, top_k=5),
-                            logprobs=2, settle_steps=2 if kind == "pc" else None)])
+                            logprobs=2, settle_steps=settle)])
     admitting = _counted_step(engine, model_calls)
     assert admitting.engine == {"reads": 0, "from_host": 1, "to_host_buffer": 2}, admitting.engine
 
     again = _counted_step(engine, model_calls)  # and back to steady with one more row
     assert again.engine == {"reads": 0, "from_host": 0, "to_host_buffer": 1}, again.engine
+    if not settle:
+        assert again.model == {"reads": 0, "from_host": 0}, again.model
     assert len(engine.running) == len(requests) + 1
 
 

@@ -92,17 +92,6 @@ def decode_step(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache, 
                                 max_settle_steps=max_settle_steps, last_only=True)
 
 
-@torch.no_grad()
-def decode(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache, slots: torch.Tensor,
-           settle_steps: torch.Tensor | None = None):
-    """The engine's former call (rows in any cache slots), kept only until the engine calls
-    decode_step: rows are gathered from their slots by index."""
-    _check_context(model, int(input_pos.max()) + 1)
-    cache = kv_cache.attention(input_pos.view(-1, 1), kv_len_bucket(int(input_pos.max()) + 1, kv_cache.max_len),
-                               torch.as_tensor(slots, device=tokens.device))
-    return model.forward_cached(tokens.view(-1, 1), cache, settle_steps=settle_steps, last_only=True)
-
-
 def _as_row_tensor(value, rows: int, device):
     if value is None or isinstance(value, torch.Tensor):
         return value
