@@ -167,7 +167,7 @@ async def engine_level(engine, tokenizer, n_clients, per_client, time_cap):
             ev = await r.events.get()
             if isinstance(ev, TokenEvent) and ev.text:
                 stamps.append(time.perf_counter())
-                counts.append(len(ev.tokens))
+                counts.append(len(ev.text))  # char model: one token per character, as http_level counts
             elif isinstance(ev, DoneEvent):
                 tokens = ev.completion_tokens
                 break

@@ -95,9 +95,21 @@ FORMATS = {
 }
 
 
+def aten_kernels_on_cpu() -> None:
+    """Process-wide: the ops PyTorch would hand to oneDNN on a CPU (exact GELU and its backward
+    among them) run on ATen's own kernels. At a decode step's sizes oneDNN's per-call set-up costs
+    more than the arithmetic; the prepacked bf16 Linear calls its oneDNN kernel directly and keeps
+    it. A process that loads a model for inference (an engine process, the CLI, a benchmark) runs
+    inference only, so the switch is set with the formats."""
+    torch.backends.mkldnn.enabled = False
+
+
 @torch.no_grad()
 def to_inference_format(model: nn.Module, formats: tuple[str, ...] | None = None) -> nn.Module:
-    """Applies `formats` (default: default_formats(model)) in place; returns the model."""
+    """Applies `formats` (default: default_formats(model)) in place; returns the model. A CPU
+    model also gets ATen's kernels (aten_kernels_on_cpu)."""
+    if model.lm_head.weight.device.type == "cpu":
+        aten_kernels_on_cpu()
     for name in default_formats(model) if formats is None else formats:
         kind, make = FORMATS[name]
         swap_modules(model, kind, make)

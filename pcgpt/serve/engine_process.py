@@ -9,7 +9,7 @@ while the event loop streams on another, as vLLM's V1 engine core does.
 Server side, RemoteEngine: what the HTTP service uses of an engine (submit, cancel, alive, dead,
 stop_admitting, shutdown, the checkpoint's info: config, tokenizer, metadata, no weights) plus
 its metrics, collected per scrape.
-Engine side, engine_main: the model loaded from its checkpoint, an app.engine.Engine, and a
+Engine side, engine_main: the model loaded from its checkpoint, a pcgpt.serve.engine.Engine, and a
 thread reading the pipe.
 
 Messages, pickled over one multiprocessing Pipe:
