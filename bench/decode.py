@@ -23,14 +23,22 @@ from tqdm import tqdm
 from pcgpt.serve.engine import MAX_PREFILL_TOKENS
 from bench.common import median, set_threads
 from bench.roofline import MainMemoryProbe
+from pcgpt.model.formats import inference_kernels
 from pcgpt.model.generate import decode_step, kv_len_bucket, prefill_batch
 from pcgpt.model.sampling import BatchSampling, SamplingParams, sample_from_logits
 
 METHODS = ("ours", "hf", "nanogpt")
 
 
-@torch.no_grad()
 def run_ours(model, prompts: torch.Tensor, n_new: int, vocab: int):
+    """Ours as the engine runs it: its steps in inference_kernels (the whole run here, where
+    nothing else computes meanwhile; HF's runs keep PyTorch's defaults)."""
+    with inference_kernels(prompts.device):
+        return _run_ours(model, prompts, n_new, vocab)
+
+
+@torch.no_grad()
+def _run_ours(model, prompts: torch.Tensor, n_new: int, vocab: int):
     B, S = prompts.shape
     stamps = [time.perf_counter()]
     cache = model.new_cache(B, max_len=S + n_new)

@@ -195,3 +195,23 @@ def test_greedy_engine_output_equals_generate_batched_or_alone(models, kind):
 
     assert run(prompts) == want
     assert [run([p])[0] for p in prompts] == want
+
+
+def test_a_step_runs_on_aten_kernels_and_leaves_the_process_defaults(models, monkeypatch):
+    """Inside a CPU step PyTorch's oneDNN dispatch is off (formats.inference_kernels); after it the
+    process has its defaults back, so other models in the process are untouched."""
+    seen = []
+    real = runner_module.decode_step
+
+    def spy(*args, **kw):
+        seen.append(torch.backends.mkldnn.enabled)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner_module, "decode_step", spy)
+    tokenizer = models["tokenizer"]
+    engine = _engine(models["base"], tokenizer)
+    engine.submit([_request(tokenizer, "ROMEO:\n", max_tokens=4, sampling=SamplingParams(temperature=0.0))])
+    assert torch.backends.mkldnn.enabled
+    _steps(engine, 3)
+    assert seen and not any(seen)
+    assert torch.backends.mkldnn.enabled

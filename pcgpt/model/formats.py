@@ -7,6 +7,8 @@ applies them through `to_inference_format` (checkpoint.load_for_inference). Trai
 plain modules.
 """
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -95,21 +97,32 @@ FORMATS = {
 }
 
 
-def aten_kernels_on_cpu() -> None:
-    """Process-wide: the ops PyTorch would hand to oneDNN on a CPU (exact GELU and its backward
-    among them) run on ATen's own kernels. At a decode step's sizes oneDNN's per-call set-up costs
-    more than the arithmetic; the prepacked bf16 Linear calls its oneDNN kernel directly and keeps
-    it. A process that loads a model for inference (an engine process, the CLI, a benchmark) runs
-    inference only, so the switch is set with the formats."""
+def inference_kernels(device):
+    """The context an inference step runs in: on a CPU, the ops PyTorch would hand to oneDNN
+    (exact GELU and its backward among them) run on ATen's own kernels, because at a decode step's
+    sizes oneDNN's per-call set-up costs more than the arithmetic (the prepacked bf16 Linear calls
+    its oneDNN kernel directly and keeps it). The switch is process-wide while the context lasts,
+    so callers hold it for one step, not for a whole run: other models in the process (HF's in
+    the benchmarks) keep PyTorch's defaults between steps."""
+    if torch.device(device).type != "cpu":
+        return contextlib.nullcontext()
+    return _onednn_dispatch_off()
+
+
+@contextlib.contextmanager
+def _onednn_dispatch_off():
+    # torch.backends.mkldnn.flags() would also reset oneDNN's TF32 and determinism settings
+    saved = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = saved
 
 
 @torch.no_grad()
 def to_inference_format(model: nn.Module, formats: tuple[str, ...] | None = None) -> nn.Module:
-    """Applies `formats` (default: default_formats(model)) in place; returns the model. A CPU
-    model also gets ATen's kernels (aten_kernels_on_cpu)."""
-    if model.lm_head.weight.device.type == "cpu":
-        aten_kernels_on_cpu()
+    """Applies `formats` (default: default_formats(model)) in place; returns the model."""
     for name in default_formats(model) if formats is None else formats:
         kind, make = FORMATS[name]
         swap_modules(model, kind, make)

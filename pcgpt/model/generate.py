@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from pcgpt.model.formats import inference_kernels
 from pcgpt.model.sampling import BatchSampling, SamplingParams, apply_penalties, make_generator, sample_from_logits
 
 
@@ -125,7 +126,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, params: Sampling
     prompt_mask[0, prompt] = True
     counts = torch.zeros(1, vocab, dtype=torch.long, device=device)
 
-    logits, stats = prefill(model, prompt, cache, 0, settle_steps)
+    with inference_kernels(device):
+        logits, stats = prefill(model, prompt, cache, 0, settle_steps)
     logits = logits.view(1, -1)
     pos = len(prompt_ids)
     steps = None if settle_steps is None else torch.tensor([settle_steps], device=device)
@@ -139,8 +141,9 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, params: Sampling
         counts[0, token] += 1
         if i + 1 == max_new_tokens:
             return
-        logits, stats = decode_step(model, token, torch.tensor([pos], device=device), cache, steps,
-                                    kv_len=kv_len_bucket(pos + 1, cache.max_len),
-                                    max_settle_steps=settle_steps)
+        with inference_kernels(device):
+            logits, stats = decode_step(model, token, torch.tensor([pos], device=device), cache, steps,
+                                        kv_len=kv_len_bucket(pos + 1, cache.max_len),
+                                        max_settle_steps=settle_steps)
         stats = {k: v[0] for k, v in stats.items()}
         pos += 1

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from pcgpt.model.formats import inference_kernels
 from pcgpt.serve.output import OutputProcessor
 from pcgpt.serve.request import DoneEvent, ErrorEvent, Request, TokenEvent, deliver_to_loops  # noqa: F401  (the API)
 from pcgpt.serve.runner import ModelRunner, StepResult
@@ -150,11 +151,12 @@ class Engine:
                 self._emit(r, DoneEvent(r.index, "cancelled", len(r.prompt_ids), 0))
             for seq in cancelled:
                 self._finish(seq, "cancelled")
-            if not self._stop:
-                self._admit()
-            if self.running:
-                self._decode()
-                self._flush()
+            with inference_kernels(self.device):
+                if not self._stop:
+                    self._admit()
+                if self.running:
+                    self._decode()
+                    self._flush()
             self._gauges()
         finally:
             self._flush()
