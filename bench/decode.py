@@ -33,7 +33,7 @@ METHODS = ("ours", "hf", "nanogpt")
 def run_ours(model, prompts: torch.Tensor, n_new: int, vocab: int):
     """Ours as the engine runs it: its steps in inference_kernels (the whole run here, where
     nothing else computes meanwhile; HF's runs keep PyTorch's defaults)."""
-    with inference_kernels(prompts.device):
+    with inference_kernels(model.lm_head.weight):
         return _run_ours(model, prompts, n_new, vocab)
 
 

@@ -55,7 +55,7 @@ def time_decode(model, B, steps, n_decode, prompt_len=16, settle=None):
     for i in range(n_decode):
         token = logits.argmax(-1)
         t0 = time.perf_counter()
-        with inference_kernels(pos.device):  # as the engine runs each step
+        with inference_kernels(model.lm_head.weight):  # as the engine runs each step
             logits, _ = decode_step(model, token, pos, cache, settle_t,
                                     kv_len=kv_len_bucket(prompt_len + i + 1, cache.max_len), max_settle_steps=settle)
         times.append(time.perf_counter() - t0)

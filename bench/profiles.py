@@ -7,7 +7,6 @@
                           char model a step is dispatch-bound, so time follows the op count
 """
 
-import copy
 import cProfile
 import io
 import pstats
@@ -20,7 +19,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from bench.common import CHAR_CKPT, RESULTS, median, set_threads
-from pcgpt.model.formats import to_inference_format
 from pcgpt.model.formats import inference_kernels
 from pcgpt.model.generate import decode_step, kv_len_bucket, prefill
 
@@ -35,7 +33,7 @@ def _decode_steps(model, B, n, settle=None):
 
     def step():
         nonlocal logits, length
-        with inference_kernels(pos.device):  # as the engine runs each step
+        with inference_kernels(model.lm_head.weight):  # as the engine runs each step
             logits, _ = decode_step(model, logits.argmax(-1), pos, cache, steps,
                                     kv_len=kv_len_bucket(length + 1, cache.max_len), max_settle_steps=settle)
         pos.add_(1)
@@ -120,7 +118,7 @@ def _median_step_ms(model, B=1, n=40):
     for i in range(n):
         pos = torch.full((B,), 16 + i)
         t0 = time.perf_counter()
-        with inference_kernels(pos.device):
+        with inference_kernels(model.lm_head.weight):
             decode_step(model, tok, pos, cache, kv_len=kv_len_bucket(17 + i, cache.max_len))
         times.append(time.perf_counter() - t0)
     return 1000 * median(times[5:])
@@ -143,7 +141,8 @@ def gpt2_breakdown(ours, quick=False):
             m(inputs[m.in_features])
         passes.append(time.perf_counter() - t0)
     out["weights_only_pass_ms"] = 1000 * median(passes[2:])
-    bf = to_inference_format(copy.deepcopy(ours).to(torch.bfloat16))  # as `pcgpt serve --dtype bfloat16`
+    from bench.models import gpt2_pair
+    bf = gpt2_pair(dtype=torch.bfloat16)[0]  # the same weights as `pcgpt serve --dtype bfloat16` loads them
     out["bf16_step_ms"] = _median_step_ms(bf, n=n)
     x = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
     l32, lbf = ours(x).float(), bf(x).float()
@@ -155,8 +154,8 @@ def gpt2_breakdown(ours, quick=False):
     del bf
     # stub the matrices: each Linear module returns a preallocated output of the right shape
     for m in lins:
-        z = torch.zeros(1, 1, m.out_features)
-        m.forward = types.MethodType(lambda self, x, z=z: z.expand(*x.shape[:-1], z.shape[-1]), m)
+        z = torch.zeros(m.out_features)
+        m.forward = types.MethodType(lambda self, x, z=z: z.expand(*x.shape[:-1], -1), m)
     out["no_weights_step_ms"] = _median_step_ms(ours, n=n)
     for m in lins:
         del m.forward

@@ -97,14 +97,15 @@ FORMATS = {
 }
 
 
-def inference_kernels(device):
-    """The context an inference step runs in: on a CPU, the ops PyTorch would hand to oneDNN
-    (exact GELU and its backward among them) run on ATen's own kernels, because at a decode step's
-    sizes oneDNN's per-call set-up costs more than the arithmetic (the prepacked bf16 Linear calls
-    its oneDNN kernel directly and keeps it). The switch is process-wide while the context lasts,
-    so callers hold it for one step, not for a whole run: other models in the process (HF's in
-    the benchmarks) keep PyTorch's defaults between steps."""
-    if torch.device(device).type != "cpu":
+def inference_kernels(weight: torch.Tensor):
+    """The context an inference step of a model with this weight runs in: for fp32 on a CPU, the
+    ops PyTorch would hand to oneDNN (exact GELU and its backward among them) run on ATen's own
+    kernels, because at a decode step's sizes oneDNN's per-call set-up costs more than the
+    arithmetic. bf16 keeps oneDNN: its graph-building calls (PC settling) take F.linear, which has
+    no fast bf16 kernel without it. The switch is process-wide while the context lasts, so callers
+    hold it for one step, not for a whole run: other models in the process (HF's in the
+    benchmarks) keep PyTorch's defaults between steps."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return contextlib.nullcontext()
     return _onednn_dispatch_off()
 

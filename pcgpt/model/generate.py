@@ -126,7 +126,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, params: Sampling
     prompt_mask[0, prompt] = True
     counts = torch.zeros(1, vocab, dtype=torch.long, device=device)
 
-    with inference_kernels(device):
+    with inference_kernels(model.lm_head.weight):
         logits, stats = prefill(model, prompt, cache, 0, settle_steps)
     logits = logits.view(1, -1)
     pos = len(prompt_ids)
@@ -141,7 +141,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, params: Sampling
         counts[0, token] += 1
         if i + 1 == max_new_tokens:
             return
-        with inference_kernels(device):
+        with inference_kernels(model.lm_head.weight):
             logits, stats = decode_step(model, token, torch.tensor([pos], device=device), cache, steps,
                                         kv_len=kv_len_bucket(pos + 1, cache.max_len),
                                         max_settle_steps=settle_steps)

@@ -151,7 +151,7 @@ class Engine:
                 self._emit(r, DoneEvent(r.index, "cancelled", len(r.prompt_ids), 0))
             for seq in cancelled:
                 self._finish(seq, "cancelled")
-            with inference_kernels(self.device):
+            with inference_kernels(self.model.lm_head.weight):
                 if not self._stop:
                     self._admit()
                 if self.running:
