@@ -2,6 +2,7 @@
 process of its own (pcgpt/serve/engine_process.py, which loads the weights), then run the HTTP
 service under uvicorn."""
 
+import argparse
 import logging
 import signal
 import sys
@@ -32,6 +33,10 @@ def register(sub, model_args, env):
                    help="torch CPU threads of each model's engine process (0: PyTorch's default, one per core)")
     s.add_argument("--stream-interval", type=int, default=int(env("stream_interval", d.stream_interval)),
                    help="tokens per stream chunk while a request runs (the first goes at once)")
+    s.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                   default=env("cuda_graphs", "1") not in ("0", "false", "no"),
+                   help="on CUDA, capture the decode step as CUDA graphs at start, one per batch-size bucket "
+                        "(--no-cuda-graphs: launch it eagerly; no effect on CPU)")
     s.add_argument("--log-level", default=env("log_level", "info"))
     s.set_defaults(func=cmd_serve)
 
@@ -64,7 +69,7 @@ def cmd_serve(args) -> int:
                           api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
                           max_prompt_chars=args.max_prompt_chars, cors_origins=args.cors_origin,
                           drain_seconds=args.drain_seconds, threads=args.threads, stream_interval=args.stream_interval,
-                          log_level=args.log_level.lower())
+                          log_level=args.log_level.lower(), cuda_graphs=args.cuda_graphs)
     if config.max_batch_size < 1 or config.max_queue < 0 or config.stream_interval < 1:
         raise ValueError("--max-batch-size and --stream-interval must be at least 1 and --max-queue at least 0")
     # This process reads each checkpoint's config, tokenizer and tensor index (a bad one fails

@@ -207,6 +207,24 @@ def test_docker_compose_config(tmp_path):
                           env=env).returncode != 0
 
 
+def test_docker_compose_gpu_variant(tmp_path):
+    """docker-compose.gpu.yml over the main file: pcgpt built from a CUDA wheel index, on the GPU
+    the service reserves, the rest of the stack as it was."""
+    env = {**os.environ, "DOCKER_CONFIG": str(tmp_path)}
+    env.pop("TORCH_INDEX", None)
+    p = subprocess.run([docker_compose(), "-f", str(ROOT / "docker-compose.yml"), "-f", str(ROOT / "docker-compose.gpu.yml"),
+                        "config", "--format", "json"], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr
+    services = json.loads(p.stdout)["services"]
+    assert set(services) == {"pcgpt", "prometheus", "grafana"}
+    pcgpt = services["pcgpt"]
+    assert "/whl/cu" in pcgpt["build"]["args"]["TORCH_INDEX"]
+    assert pcgpt["environment"]["PCGPT_DEVICE"] == "cuda"
+    devices = pcgpt["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert pcgpt["healthcheck"]["test"]  # kept from the main file
+
+
 # --- the Dockerfile, replayed -------------------------------------------------------------------------------
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:

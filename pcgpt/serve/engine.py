@@ -31,7 +31,7 @@ log = logging.getLogger("pcgpt.engine")
 class Engine:
     def __init__(self, name: str, model, tokenizer, metrics=None, max_batch_size: int = 16,
                  max_queue: int = 64, sampler_defaults: dict | None = None, max_prefill_tokens: int = MAX_PREFILL_TOKENS,
-                 stream_interval: int = 1, deliver=None):
+                 stream_interval: int = 1, deliver=None, cuda_graphs: bool = False):
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -46,7 +46,12 @@ class Engine:
         self.block_size = model.config.block_size
         self.vocab = tokenizer.vocab_size
         self.scheduler = Scheduler(name, max_batch_size, max_queue, max_prefill_tokens)
-        self.runner = ModelRunner(model, self.vocab, max_batch_size, stats_every_step=metrics is not None)
+        started = time.perf_counter()
+        self.runner = ModelRunner(model, self.vocab, max_batch_size, stats_every_step=metrics is not None,
+                                  cuda_graphs=cuda_graphs)
+        if self.runner.graphs is not None:
+            log.info("%s: captured the decode step's CUDA graphs for batch sizes %s in %.1f s", name,
+                     self.runner.graphs.buckets, time.perf_counter() - started)
         self._children: dict = {}  # metrics series -> this model's labelled child (_series)
         self.output = OutputProcessor(tokenizer, self.block_size, stream_interval, self._emit,
                                       self._series if metrics else None)

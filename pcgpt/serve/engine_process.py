@@ -50,7 +50,7 @@ class RemoteEngine:
 
     def __init__(self, name: str, info, *, device: str, dtype: str, threads: int,
                  max_batch_size: int, max_queue: int, sampler_defaults: dict, stream_interval: int,
-                 fault_injection: bool = False, log_level: str = "info"):
+                 fault_injection: bool = False, log_level: str = "info", cuda_graphs: bool = True):
         from pcgpt.model.device import resolve_device, resolve_dtype
         self.name = name
         self.info = info
@@ -63,7 +63,8 @@ class RemoteEngine:
         self.sampler_defaults = sampler_defaults
         self.spec = dict(name=name, path=info.path, device=device, dtype=dtype, threads=threads,
                          max_batch_size=max_batch_size, max_queue=max_queue, sampler_defaults=sampler_defaults,
-                         stream_interval=stream_interval, fault_injection=fault_injection, log_level=log_level)
+                         stream_interval=stream_interval, fault_injection=fault_injection, log_level=log_level,
+                         cuda_graphs=cuda_graphs)
         self.dead: str | None = None
         self.pid: int | None = None
         self._accepting = True
@@ -264,7 +265,7 @@ def engine_main(conn, spec: dict) -> None:
 
         engine = Engine(spec["name"], model, tokenizer, metrics, max_batch_size=spec["max_batch_size"],
                         max_queue=spec["max_queue"], sampler_defaults=spec["sampler_defaults"],
-                        stream_interval=spec["stream_interval"], deliver=deliver)
+                        stream_interval=spec["stream_interval"], deliver=deliver, cuda_graphs=spec["cuda_graphs"])
         if spec["fault_injection"]:
             install_fault_injection(engine)
         metrics.register_model(spec["name"], model_card(spec["name"], engine, metadata))

@@ -22,6 +22,7 @@ import torch
 from pcgpt.model.generate import decode_step, prefill, prefill_batch
 from pcgpt.model.sampling import (BatchSampling, ErrorDrivenState, apply_penalties, make_generator, sample_from_logits,
                                   token_stats, top_logprobs, write_rows)
+from pcgpt.serve.cuda_graphs import DecodeGraphs
 from pcgpt.serve.request import Request
 
 # columns of an admission's packed rows: where each per-slot value lands
@@ -54,7 +55,7 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model, vocab: int, n_slots: int, stats_every_step: bool = False):
+    def __init__(self, model, vocab: int, n_slots: int, stats_every_step: bool = False, cuda_graphs: bool = False):
         self.model = model
         self.vocab = vocab  # the tokenizer's: logits past it (nanoGPT pads 50257 to 50304) are dropped
         self.device = model.lm_head.weight.device
@@ -83,6 +84,11 @@ class ModelRunner:
         self._admission = None  # the last admission's packed rows on the device, and each slot's row there
         self._prompts: dict[int, torch.Tensor] = {}  # slot -> its prompt (a view of the admission's copy)
         self._host = torch.empty(0)
+        # CUDA: the decode step replayed from graphs captured here, at start (serve/cuda_graphs.py)
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(model, self.cache, self.last_tokens, self.positions,
+                                       self.settle if self.is_pc else None)
 
     # --- admission and release -------------------------------------------------------------------
 
@@ -150,9 +156,13 @@ class ModelRunner:
     def decode(self, n_rows: int, kv_len: int) -> StepResult:
         """One decode step over slots [0, n_rows): the running rows' next tokens."""
         rows = slice(0, n_rows)
-        logits, stats = decode_step(self.model, self.last_tokens[rows], self.positions[rows], self.cache,
-                                    self.settle[rows] if self.is_pc else None, kv_len=kv_len,
-                                    max_settle_steps=self._plan(rows, range(n_rows))["max_settle"])
+        max_settle = self._plan(rows, range(n_rows))["max_settle"]
+        if self.graphs is not None and not max_settle:  # settling is data-dependent: eager
+            logits, stats = self.graphs.replay(n_rows)
+        else:
+            logits, stats = decode_step(self.model, self.last_tokens[rows], self.positions[rows], self.cache,
+                                        self.settle[rows] if self.is_pc else None, kv_len=kv_len,
+                                        max_settle_steps=max_settle)
         result = self.sample(logits, rows, range(n_rows), stats)
         self.positions[rows].add_(self.active[rows])
         return result

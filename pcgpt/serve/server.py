@@ -112,7 +112,7 @@ def start_engines(config: ServerConfig, infos: dict) -> dict:
                                   max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                                   sampler_defaults=service.sampler_defaults(info.metadata, info.tokenizer),
                                   stream_interval=config.stream_interval, fault_injection=fault_injection,
-                                  log_level=config.log_level)
+                                  log_level=config.log_level, cuda_graphs=config.cuda_graphs)
                for name, info in infos.items()}
     try:
         for engine in engines.values():
