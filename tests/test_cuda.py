@@ -54,15 +54,15 @@ def engine_texts(model, tokenizer, cuda_graphs, settle=None, n_tokens=100):
         r.events = queue.Queue()
     engine.submit(requests)
     replays = 0
-    if engine.runner.graphs is not None:
-        for graph, _ in engine.runner.graphs.graphs.values():
-            original = graph.replay
+    graphs = engine.runner.graphs
+    if graphs is not None:
+        replay = graphs.replay
 
-            def counted(original=original):
-                nonlocal replays
-                replays += 1
-                original()
-            graph.replay = counted
+        def counted(n_rows):
+            nonlocal replays
+            replays += 1
+            return replay(n_rows)
+        graphs.replay = counted
     for _ in range(n_tokens + 10):
         engine.step()
     return ["".join(events.get(i, [])) for i in range(len(PROMPTS))], replays
