@@ -499,6 +499,7 @@ function start() {
   });
   $("key-form").addEventListener("submit", (e) => {
     e.preventDefault();
+    $("key-error").textContent = "";
     sessionStorage.setItem(KEY_STORAGE, $("api-key").value);
     loadModels().catch(showError);
   });
