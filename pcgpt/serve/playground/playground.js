@@ -253,6 +253,8 @@ async function run() {
   $("error").textContent = "";
   $("columns").replaceChildren();
   $("divergence").hidden = true;
+  delete $("divergence").dataset.tokenA;
+  delete $("divergence").dataset.tokenB;
   const compare = $("compare").checked;
   const configs = compare ? state.configs : state.configs.slice(0, 1);
   state.columns = configs.map((c) => makeColumn(requestBody(c)));
@@ -312,10 +314,15 @@ function render() {
   for (const column of state.columns) for (const t of column.tokens) max = Math.max(max, signalValue(t, name) ?? 0);
   const available = state.columns.some((c) => c.tokens.some((t) => signalValue(t, name) !== undefined));
   for (const column of state.columns) {
-    for (const t of column.tokens) {
+    for (const t of column.tokens) {  // the DOM is written only where a token's shade changed
       const v = signalValue(t, name);
-      t.span.dataset.value = v === undefined ? "" : String(v);
-      t.span.style.backgroundColor = v === undefined || max <= 0 ? "" : `rgba(235, 96, 30, ${(0.08 + 0.72 * v / max).toFixed(3)})`;
+      const value = v === undefined ? "" : String(v);
+      const shade = v === undefined || max <= 0 ? "" : `rgba(235, 96, 30, ${(0.08 + 0.72 * v / max).toFixed(3)})`;
+      if (t.span.dataset.value !== value) t.span.dataset.value = value;
+      if (t.shade !== shade) {
+        t.shade = shade;
+        t.span.style.backgroundColor = shade;
+      }
     }
     if (column.first) showStats(column, column.status);
     drawPlot(column);
@@ -331,7 +338,7 @@ function markDivergence() {
   const el = $("divergence");
   if (state.columns.length !== 2) return;
   const [a, b] = state.columns;
-  for (const column of state.columns) for (const t of column.tokens) t.span.classList.remove("diverge");
+  if (el.dataset.tokenA !== undefined) return;  // texts only grow: a divergence found is final
   const n = Math.min(a.text.length, b.text.length);
   let at = 0;
   while (at < n && a.text[at] === b.text[at]) at++;
