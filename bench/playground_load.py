@@ -1,8 +1,10 @@
 """Does an open playground cost serving throughput? HTTP tokens/s of 16 closed-loop streaming
-clients (bench/http_load.py's load on the shipped char baseline) in three conditions, measured
+clients (bench/http_load.py's load on the shipped char baseline) in four conditions, measured
 in interleaved rounds; median and range of each:
 
 - none: the 16 clients alone;
+- plain: plus one more stream of the same length without logprobs or uncertainty (a 17th
+  sequence: the decode batch's rows go from 16 to the next power of two, 32);
 - api: plus one more stream sending, back to back, the request the playground sends (the same
   model, 240 tokens, logprobs 5 and uncertainty), from the load generator's event loop: what the
   playground's request costs the server;
@@ -28,6 +30,7 @@ PLAYGROUND_TOKENS = 240
 PLAYGROUND_BODY = {"model": "shakespeare-char", "prompt": "ROMEO:", "max_tokens": PLAYGROUND_TOKENS, "temperature": 1,
                    "seed": 1, "sampler": "standard", "stream": True, "stream_options": {"include_usage": True},
                    "logprobs": 5, "uncertainty": True}
+PLAIN_BODY = {k: v for k, v in PLAYGROUND_BODY.items() if k not in ("logprobs", "uncertainty")}
 
 
 class PlaygroundTab(threading.Thread):
@@ -63,7 +66,7 @@ class PlaygroundTab(threading.Thread):
             self.ready.set()
 
 
-async def api_stream_beside(url: str, per_client: int, time_cap: float, server_pid: int) -> dict:
+async def stream_beside(url: str, body: dict, per_client: int, time_cap: float, server_pid: int) -> dict:
     import httpx
     stop = asyncio.Event()
     runs = 0
@@ -72,7 +75,7 @@ async def api_stream_beside(url: str, per_client: int, time_cap: float, server_p
         nonlocal runs
         async with httpx.AsyncClient(base_url=url, timeout=300) as client:
             while not stop.is_set():
-                async with client.stream("POST", "/v1/completions", json=PLAYGROUND_BODY) as r:
+                async with client.stream("POST", "/v1/completions", json=body) as r:
                     async for _ in r.aiter_lines():
                         pass
                 runs += 1
@@ -88,8 +91,9 @@ async def api_stream_beside(url: str, per_client: int, time_cap: float, server_p
 
 
 def level(server, condition: str, per_client: int, time_cap: float) -> dict:
-    if condition == "api":
-        return asyncio.run(api_stream_beside(server.url, per_client, time_cap, server.proc.pid))
+    if condition in ("plain", "api"):
+        body = PLAYGROUND_BODY if condition == "api" else PLAIN_BODY
+        return asyncio.run(stream_beside(server.url, body, per_client, time_cap, server.proc.pid))
     browser = None
     if condition == "page":
         browser = PlaygroundTab(server.url + "/")
@@ -112,19 +116,19 @@ def level(server, condition: str, per_client: int, time_cap: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three conditions, in rotating order")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the four conditions, in rotating order")
     parser.add_argument("--tokens", type=int, default=4000, help="completion tokens per level (all clients)")
     parser.add_argument("--time-cap", type=float, default=20.0, help="seconds per level at most")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
     from serving import Server
     per_client = max(2, -(-args.tokens // (MAX_TOKENS * TARGET_LEVEL)))
-    conditions = ("none", "api", "page")
+    conditions = ("none", "plain", "api", "page")
     rows = {c: [] for c in conditions}
     models = {"shakespeare-char": CHAR_CKPT}
     with Server(models, "--max-batch-size", str(2 * TARGET_LEVEL), "--log-level", "warning") as server:
         for i in range(args.rounds):
-            for name in conditions[i % 3:] + conditions[:i % 3]:
+            for name in conditions[i % len(conditions):] + conditions[:i % len(conditions)]:
                 r = level(server, name, per_client, args.time_cap)
                 rows[name].append(r)
                 print(f"round {i + 1} {name:4s}: {r['tok_s']:.0f} tokens/s "
