@@ -145,9 +145,9 @@ def test_api_key_asked_once_per_tab(tab, server):
 
 def test_greedy_pc_run_renders_the_api_text_entropy_and_alternatives(tab, server):
     tab.open()
-    greedy_run(tab, PC, 24, settle_steps=2)
+    greedy_run(tab, PC, 16, settle_steps=2)
     tab.run()
-    api_choice = api(server, {"model": PC, "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "settle_steps": 2,
+    api_choice = api(server, {"model": PC, "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "settle_steps": 2,
                               "logprobs": 5, "uncertainty": True})
     tokens = tab.tokens()
     assert "".join(t for t, _ in tokens) == api_choice["text"]
@@ -280,5 +280,5 @@ def test_docs_render_offline(tab, server):
     page.wait_for_selector(".opblock")
     paths = page.locator(".opblock-summary-path").all_text_contents()
     assert "/v1/completions" in paths and "/v1/models" in paths
-    page.goto(server.url + "/redoc")
-    page.wait_for_selector('text="/v1/completions"')
+    redoc = httpx.get(server.url + "/redoc").text  # served the same way (not rendered here: a 1 MB bundle)
+    assert "/docs/static/redoc.standalone.js" in redoc and "https://" not in redoc
