@@ -40,7 +40,8 @@ def browser(server):  # after the server, so closed before it: the server then h
 
 
 class Page:
-    """A fresh tab (its own sessionStorage) on the server; records requests to other origins."""
+    """A fresh tab (its own sessionStorage) on the server; records requests to other origins,
+    script errors and anything the page's policy blocked."""
 
     def __init__(self, browser, server, width=1280, height=900):
         self.context = browser.new_context(viewport={"width": width, "height": height})
@@ -49,6 +50,7 @@ class Page:
         self.context.route(lambda url: not url.startswith(server.url), self._refuse)
         self.page = self.context.new_page()
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("console", lambda m: "Content Security Policy" in m.text and self.errors.append(m.text))
         self.url = server.url
 
     def _refuse(self, route):
