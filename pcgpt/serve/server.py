@@ -148,7 +148,8 @@ def create_app(config: ServerConfig, engines: dict) -> FastAPI:
         for engine in engines.values():
             engine.shutdown(config.drain_seconds)
 
-    app = FastAPI(title="pcgpt", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,  # web.install serves them offline
+    app = FastAPI(title="pcgpt", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # web.install serves them, offline
                   description="OpenAI-compatible server for nanoGPT-family and predictive-coding GPT models, "
                               "with per-token uncertainty.")
     app.state.config = config
