@@ -29,10 +29,12 @@ install-serve: $(SERVE_STAMP)
 
 install: $(DEV_STAMP)
 
-# System packages the tests need: Debian's prometheus (with promtool) for tests/test_deploy.py.
+# System packages the tests need: Debian's prometheus (with promtool) for tests/test_deploy.py,
+# Debian's chromium for tests/test_playground.py.
 deps-system:
 	command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		(apt-get update && apt-get install -y --no-install-recommends prometheus)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
 
 serve: $(SERVE_STAMP)
 	$(BIN)/pcgpt serve

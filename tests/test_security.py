@@ -27,7 +27,8 @@ ALLOWED = "https://app.example.com"
 FOREIGN = "https://evil.example.net"
 MAX_PROMPT_CHARS = 64
 # routes that answer without a key, on purpose: probes, metrics scraping, the API's own description
-OPEN_ROUTES = {"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+OPEN_ROUTES = {"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+               "/", "/playground"}  # the playground is a static page: it asks for the key, then sends it
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pcgpt.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from pcgpt.serve.schemas import (CHAT_COMPLETION_BODY, CHAT_COMPLETION_CHUNK, COMPLETION_BODY, COMPLETION_CHUNK, ERROR_BODY,
                          HEALTH_BODY, MODEL_CARD, MODEL_LIST, READY_BODY, ChatCompletionRequest, CompletionRequest,
                          stream_event)
-from pcgpt.serve import service
+from pcgpt.serve import service, web
 from pcgpt.serve.service import APIError
 
 log = logging.getLogger("pcgpt.server")
@@ -149,6 +149,7 @@ def create_app(config: ServerConfig, engines: dict) -> FastAPI:
             engine.shutdown(config.drain_seconds)
 
     app = FastAPI(title="pcgpt", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # web.install serves them, offline
                   description="OpenAI-compatible server for nanoGPT-family and predictive-coding GPT models, "
                               "with per-token uncertainty.")
     app.state.config = config
@@ -288,4 +289,5 @@ def create_app(config: ServerConfig, engines: dict) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi
+    web.install(app)  # the playground at / and /playground; /docs and /redoc with local assets
     return app
