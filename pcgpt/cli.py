@@ -164,17 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_usage_error(e: Exception) -> bool:
+    """A mistake in what the user gave (a value, a file, a checkpoint), answered with one line.
+    The checkpoint's error class is looked up only if its module is loaded (it imports torch, and
+    a mistake found before torch loads cannot be one)."""
+    checkpoint = sys.modules.get("pcgpt.model.checkpoint")
+    return isinstance(e, (ValueError, OSError)) or (checkpoint is not None and isinstance(e, checkpoint.CheckpointError))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from pcgpt.model.checkpoint import CheckpointError
-    from pcgpt.model.tokenizer import TokenizerError
     try:
         return args.func(args)
-    except (CheckpointError, TokenizerError, ValueError, OSError) as e:
-        print(f"pcgpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not is_usage_error(e):
+            raise
+        print(f"pcgpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

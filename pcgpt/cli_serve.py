@@ -89,8 +89,10 @@ def cmd_serve(args) -> int:
     if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("pcgpt").warning("listening on %s with no API key: anyone who reaches port %d can use "
                                            "the API; set --api-key (PCGPT_API_KEY)", config.host, config.port)
-    for name, info in infos.items():
-        logging.getLogger("pcgpt").info("serving %s (%s) from %s on %s", name, info.model_type, info.path, config.device)
+    from pcgpt.model.card import describe
+    for name, info in infos.items():  # the parameter count as inspect and /v1/models give it (model/card.py)
+        logging.getLogger("pcgpt").info("serving %s (%s, %s parameters) from %s on %s", name, info.model_type,
+                                        f"{describe(info)['parameters']:,}", info.path, config.device)
     app = create_app(config, engines)
     # uvicorn re-raises the SIGTERM it drained on after restoring this handler: with the default
     # handler the process would then die of the signal (exit -15) instead of exiting 0

@@ -208,7 +208,7 @@ def evaluate(model, tokenizer, data_path: str, settle_steps=(0,), split: str = "
                     said_estimate = True
                     per_forward = (time.perf_counter() - t0) / settle_cost(T)
                     total = per_forward * len(batches) * sum(settle_cost(t) for t in steps_list)
-                    bar.write(f"eval: estimated time {total / 60:.1f} min")
+                    bar.write(f"eval: estimated time {total / 60:.1f} min", file=sys.stderr)
             m = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             results.append(summarise(m, T, seconds, n_chars, pc))
     bar.close()

@@ -237,7 +237,8 @@ def train(cfg: TrainConfig) -> dict:
             estimate_said = True
             step_s, eval_s = now - t_step, (eval_seconds[0] if eval_seconds else 0.0)
             total = step_s * (cfg.max_iters - start_it) + eval_s * len(eval_its)
-            bar.write(f"estimated time: {_duration(total)} ({step_s:.2f} s a step, {eval_s:.1f} s an evaluation)")
+            bar.write(f"estimated time: {_duration(total)} ({step_s:.2f} s a step, {eval_s:.1f} s an evaluation)",
+                      file=sys.stderr)
         bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_per_iter / (now - t_step):,.0f}", lr=f"{lr:.1e}",
                         **{k: f"{v:.3g}" for k, v in info.items()})
         t_last = now
