@@ -1,6 +1,6 @@
 """Checkpoint IO: load a model, its tokenizer and metadata from any supported format.
 
-Formats are told apart by content, never by file name alone (DESIGN.md §2):
+Formats are told apart by content, never by file name alone:
   - pcgpt directory: config.json with "format": "pcgpt" + model.safetensors (no pickle at all)
   - nanoGPT ckpt.pt: a torch.save'd dict with "model" and "model_args"; char vocabulary from a
     meta.pkl beside it (or given), GPT-2 BPE otherwise
