@@ -203,7 +203,7 @@ def md_meta(meta):
         f"- Machine: {m['cpu']}, {m['cores']} CPU cores ({', '.join(m['isa'])}), "
         f"{m['memory_bytes'] / 2**30:.0f} GiB RAM",
         f"- torch {m['torch']} (CPU), Python {m['python']}, {m['torch_threads']} torch threads unless stated",
-        f"- Date: {m['date']}; 1-min load average at start {m['load_average'][0]:.2f}, "
+        f"- Host load (1-min load average) at start {m['load_average'][0]:.2f}, "
         f"at end {meta.get('load_end', [float('nan')])[0]:.2f}",
     ])
 
