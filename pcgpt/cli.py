@@ -49,10 +49,11 @@ def generation_length(args, info, prompt_ids) -> int:
 
 def cmd_generate(args) -> int:
     from pcgpt.model.checkpoint import read_checkpoint_info
+    from pcgpt.model.generate import generate
     from pcgpt.model.sampling import SamplingParams
+    from pcgpt.model.tokenizer import IncrementalDetokenizer, TokenizerError
     # checked before the weights load and before anything reaches stdout, so a mistake fails fast
     # and never leaves half an output behind
-    from pcgpt.model.tokenizer import TokenizerError
     info = read_checkpoint_info(args.model, meta_path=args.meta)
     try:
         prompt_ids = info.tokenizer.encode(args.prompt)
@@ -62,8 +63,6 @@ def cmd_generate(args) -> int:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             min_p=args.min_p, seed=args.seed)
     params.validate()
-    from pcgpt.model.generate import generate
-    from pcgpt.model.tokenizer import IncrementalDetokenizer
     model, tokenizer, _ = _load(args)
     out = sys.stdout
     out.write(args.prompt)

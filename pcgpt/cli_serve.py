@@ -78,6 +78,9 @@ def cmd_serve(args) -> int:
                           log_level=args.log_level.lower())
     if config.max_batch_size < 1 or config.max_queue < 0 or config.stream_interval < 1:
         raise ValueError("--max-batch-size and --stream-interval must be at least 1 and --max-queue at least 0")
+    if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("pcgpt").warning("listening on %s with no API key: anyone who reaches port %d can use "
+                                           "the API; set --api-key (PCGPT_API_KEY)", config.host, config.port)
     # This process reads each checkpoint's config, tokenizer and tensor index (a bad one fails
     # here, at once); each model's engine process loads the weights.
     infos = {name: read_checkpoint_info(path) for name, path in config.models.items()}
@@ -86,9 +89,6 @@ def cmd_serve(args) -> int:
     except EngineStartError as e:
         print(f"pcgpt serve: error: {e}", file=sys.stderr)
         return 2
-    if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
-        logging.getLogger("pcgpt").warning("listening on %s with no API key: anyone who reaches port %d can use "
-                                           "the API; set --api-key (PCGPT_API_KEY)", config.host, config.port)
     from pcgpt.model.card import describe
     for name, info in infos.items():  # the parameter count as inspect and /v1/models give it (model/card.py)
         logging.getLogger("pcgpt").info("serving %s (%s, %s parameters) from %s on %s", name, info.model_type,

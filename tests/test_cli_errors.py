@@ -186,3 +186,14 @@ def test_eval_record_sets_the_validation_loss_inspect_reports(files, capsys):
     assert card["val_loss"] == report["results"][0]["loss"]
     assert card["eval"]["tokens"] == report["tokens"] and card["eval"]["settle_steps"] == 0
     assert card["eval"]["command"].startswith("pcgpt ")  # how to measure it again
+
+
+def test_serve_warns_when_open_to_the_network_without_a_key(files, capsys, caplog):
+    """The warning comes before the checkpoints are read, so a missing one ends the run right after."""
+    missing = f"x={files['root'] / 'no-such-checkpoint'}"
+    for extra, warned in (([], True), (["--api-key", "k"], False)):
+        caplog.clear()
+        rc, out, err = run_main(capsys, "serve", "--host", "0.0.0.0", "--model", missing, *extra)
+        assert_one_line_error(rc, out, err, "no-such-checkpoint")
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any("no API key" in w for w in warnings) == warned, warnings
