@@ -35,6 +35,7 @@ deps-system:
 		(apt-get update && apt-get install -y --no-install-recommends prometheus)
 
 serve: $(SERVE_STAMP)
+	@echo "The command line is $(BIN)/pcgpt ($(BIN)/pcgpt --help lists its commands)."
 	$(BIN)/pcgpt serve
 
 test: $(DEV_STAMP) deps-system
