@@ -132,26 +132,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="auto", choices=cli_args.DTYPES,
                        help="auto: float32 on CPU, bfloat16 on GPUs that have it")
 
-    g = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    g = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout",
+                       description="Generate text from a prompt in this process (no server): the prompt, then "
+                                   "the generated text, streamed to stdout and nothing else. The checks the "
+                                   "server makes (context, settle steps, vocabulary) come before the weights load.")
     model_args(g)
-    g.add_argument("--prompt", required=True, help="the text to continue")
-    g.add_argument("--max-tokens", type=cli_args.nonnegative_int, default=None,
+    g.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+    g.add_argument("--max-tokens", type=cli_args.nonnegative_int, default=None, metavar="N",
                    help=f"tokens to generate; prompt + max tokens must fit the context "
                         f"(default: {DEFAULT_MAX_TOKENS}, or what the context leaves)")
-    g.add_argument("--temperature", type=cli_args.temperature, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=cli_args.nonnegative_int, default=0,
+    g.add_argument("--temperature", type=cli_args.temperature, default=1.0, metavar="X",
+                   help="0 = greedy, up to 100")
+    g.add_argument("--top-k", type=cli_args.nonnegative_int, default=0, metavar="K",
                    help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=cli_args.top_p, default=1.0, help="nucleus sampling: keep this probability mass")
-    g.add_argument("--min-p", type=cli_args.unit_interval, default=0.0,
-                   help="keep tokens with p >= min_p x the top probability")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    g.add_argument("--settle-steps", type=cli_args.nonnegative_int, default=None,
+    g.add_argument("--top-p", type=cli_args.top_p, default=1.0, metavar="P",
+                   help="nucleus sampling: keep this probability mass, in (0, 1]")
+    g.add_argument("--min-p", type=cli_args.unit_interval, default=0.0, metavar="P",
+                   help="keep tokens with p >= min_p x the top probability, in [0, 1]")
+    g.add_argument("--seed", type=int, default=None, metavar="N", help="sampling seed (default: random)")
+    g.add_argument("--settle-steps", type=cli_args.nonnegative_int, default=None, metavar="T",
                    help="pc models only: settling steps per token (default: the checkpoint's)")
     g.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="stop at the end-of-text token")
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("inspect", help="print a checkpoint's type, config, size and costs (reads no weights)")
+    i = sub.add_parser("inspect", help="print a checkpoint's type, config, size and costs (reads no weights)",
+                       description="Print a checkpoint's model card, the one /v1/models answers: type, config, "
+                                   "parameters, tokenizer, context, KV-cache bytes and forward FLOPs per token, "
+                                   "validation loss and how it was trained. Reads no weights.")
     model_args(i, positional=True)
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=cmd_inspect)

@@ -59,16 +59,16 @@ def register(sub, model_args, env):
                                    "validation split of Tiny Shakespeare is 111,539 tokens (--max-tokens all); "
                                    "the cost is printed before it starts.")
     model_args(e, positional=True)
-    e.add_argument("--data", required=True, type=cli_args.existing_file,
+    e.add_argument("--data", required=True, type=cli_args.existing_file, metavar="PATH",
                    help="text file; with --split val only its last 10%% is used (the cut training uses)")
     e.add_argument("--split", default="val", choices=["val", "all"], help="val: the last 10%%; all: the whole file")
     e.add_argument("--settle-steps", default=[0, 1, 2, 4, 8], type=cli_args.int_list, metavar="T,T,...",
                    help="settle-step counts to evaluate (pc models; a baseline evaluates 0 only)")
     e.add_argument("--max-tokens", type=cli_args.count_or_all, default=EVAL_DEFAULT_TOKENS, metavar="N|all",
                    help="evaluate the first N tokens of the split, or all of it")
-    e.add_argument("--block-size", type=cli_args.positive_int, default=None,
+    e.add_argument("--block-size", type=cli_args.positive_int, default=None, metavar="N",
                    help="window length (default: the model's context)")
-    e.add_argument("--batch-size", type=cli_args.positive_int, default=8, help="windows per forward")
+    e.add_argument("--batch-size", type=cli_args.positive_int, default=8, metavar="N", help="windows per forward")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--plot", type=cli_args.writable_file, metavar="PNG",
                    help="write a PNG of loss and tokens/s against settle steps")
