@@ -24,7 +24,8 @@ class Formatter(argparse.HelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if (default is None or default is False or default is argparse.SUPPRESS or "(default" in text or "default:" in text
+        if (default is None or default is False or default is argparse.SUPPRESS or default == []
+                or "(default" in text or "default:" in text
                 or action.option_strings == []
                 or isinstance(action, argparse._HelpAction)):
             return text

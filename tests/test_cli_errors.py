@@ -128,9 +128,10 @@ def test_help_documents_every_flag():
             if isinstance(action, argparse._HelpAction):
                 continue
             assert action.help, f"pcgpt {name} {action.option_strings or action.dest}: no help text"
-            if action.option_strings and action.default is not None and action.default is not False:
+            if action.option_strings and not (action.default is None or action.default is False or action.default == []):
                 shown = sub._get_formatter()._get_help_string(action)
                 assert "default" in shown, f"pcgpt {name} {action.option_strings}: default not in its help"
+                assert "(default: )" not in shown
             for choice in action.choices or ():
                 assert str(choice) in text, (name, action.dest, choice)
     # train's defaults are in its help, though its parser's defaults are None (presets fill them in)
