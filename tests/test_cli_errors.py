@@ -116,6 +116,19 @@ def test_train_errors_against_model_and_data(files, capsys, extra, expect):
     assert_one_line_error(*run_main(capsys, *args), *expect)
 
 
+@pytest.mark.parametrize("command, expect", [
+    (["eval", "{ckpt}", "--data", "{data}", "--block-size", "65"], ["--block-size 65", "1..64"]),
+    (["eval", "{ckpt}", "--data", "{foreign}"], ["--data", "foreign.txt", "vocabulary"]),
+    (["train", "--data", "{foreign}", "--out-dir", "{root}/o", "--init-from", "{ckpt}"],
+     ["--data", "foreign.txt", "vocabulary"]),
+], ids=["eval-block-size-over-context", "eval-text-outside-vocab", "train-text-outside-init-vocab"])
+def test_errors_against_the_checkpoint(files, capsys, command, expect):
+    foreign = files["root"] / "foreign.txt"
+    foreign.write_text("Zebra \u00e9t\u00e9 " * 100)  # characters the checkpoint's vocabulary lacks
+    args = [a.format(foreign=foreign, **files) for a in command] + ["--device", "cpu"]
+    assert_one_line_error(*run_main(capsys, *args), *expect)
+
+
 def test_help_documents_every_flag():
     from pcgpt.cli import build_parser
     from pcgpt.model.train_config import TrainConfig, default_of

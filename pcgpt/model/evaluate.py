@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pcgpt.model.sampling import token_stats
+from pcgpt.model.tokenizer import TokenizerError
 
 _LN2 = math.log(2.0)
 
@@ -163,7 +164,7 @@ def evaluate(model, tokenizer, data_path: str, settle_steps=(0,), split: str = "
     pc = getattr(model, "model_type", "gpt") == "pc"
     block_size = block_size or model.config.block_size
     if not 0 < block_size <= model.config.block_size:
-        raise ValueError(f"block size {block_size} must be in 1..{model.config.block_size} (the model's context)")
+        raise ValueError(f"--block-size {block_size}: must be in 1..{model.config.block_size} (the model's context)")
     steps_list = sorted({int(t) for t in settle_steps}) or [0]
     if any(t < 0 for t in steps_list):
         raise ValueError(f"settle steps must be >= 0, got {steps_list}")
@@ -174,11 +175,14 @@ def evaluate(model, tokenizer, data_path: str, settle_steps=(0,), split: str = "
             note = f"baseline model (no settling): evaluated settle_steps=[0] only, not {steps_list}"
         steps_list = [0]
 
-    ids = split_ids(tokenizer, data_path, split)
+    try:
+        ids = split_ids(tokenizer, data_path, split)
+    except TokenizerError as e:  # text the model's vocabulary cannot encode
+        raise ValueError(f"--data {data_path}: {e}") from None
     if max_tokens is not None:
         ids = ids[:max_tokens + 1]  # +1: the last prediction's target
     if len(ids) < 2:
-        raise ValueError(f"the {split} split of {data_path} has fewer than 2 tokens")
+        raise ValueError(f"--data {data_path}: its {split} split has fewer than 2 tokens")
     device = model.lm_head.weight.device
     batches = make_batches(make_windows(ids, block_size), batch_size)
     n_tokens = len(ids) - 1

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pcgpt.model.checkpoint import load_checkpoint, save_pcgpt
 from pcgpt.model.gpt import GPT, preset_config
-from pcgpt.model.tokenizer import CharTokenizer, gpt2_tokenizer
+from pcgpt.model.tokenizer import CharTokenizer, TokenizerError, gpt2_tokenizer
 # the settings live in a torch-free module (the CLI parses them without torch); re-exported here
 from pcgpt.model.train_config import (GPT2_TRAIN_DEFAULTS, PRESET_TRAIN_DEFAULTS, TrainConfig,  # noqa: F401
                                       check_train_config, command_line, train_config)
@@ -149,7 +149,10 @@ def train(cfg: TrainConfig) -> dict:
 
     tokenizer = gpt2_tokenizer() if cfg.tokenizer == "gpt2" else CharTokenizer.from_text(Path(cfg.data).read_text(encoding="utf-8"))
     model, tokenizer = build_model(cfg, tokenizer, device)
-    train_data, val_data = load_text_splits(cfg.data, tokenizer)
+    try:
+        train_data, val_data = load_text_splits(cfg.data, tokenizer)
+    except TokenizerError as e:  # e.g. text outside the vocabulary of --init-from's checkpoint
+        raise ValueError(f"--data {cfg.data}: {e}") from None
     splits = {"train": train_data, "val": val_data}
     check_model_and_data(cfg, model, splits)
 
