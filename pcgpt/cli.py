@@ -94,6 +94,8 @@ def cmd_inspect(args) -> int:
     print(f"context length    {info['context_length']}")
     print(f"KV cache          {info['kv_cache_bytes_per_token']:,} bytes per token ({info['dtype']})")
     print(f"FLOPs per token   {info['flops_per_token']:,} (forward, attending to the full context)")
+    if "val_loss" in info:
+        print(f"validation loss   {info['val_loss']:.4f} nats/token ({info['eval'].get('split', 'val')})")
     for key in ("training", "eval"):
         if key in info:
             print(f"{key:<18}{json.dumps(info[key], default=str)}")
