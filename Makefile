@@ -37,6 +37,7 @@ deps-system:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
 
 serve: $(SERVE_STAMP)
+	@echo "The command line is $(BIN)/pcgpt ($(BIN)/pcgpt --help lists its commands)."
 	$(BIN)/pcgpt serve
 
 test: $(DEV_STAMP) deps-system

@@ -1,5 +1,5 @@
 """2. PC settling cost: ms per decode step and tokens/s against settle steps T, next to the
-baseline GPT of the same weights (the PC model's bottom-up path), with DESIGN.md's predicted
+baseline GPT of the same weights (the PC model's bottom-up path), with the predicted
 multiple (1 + 3·T baseline forwards) and the measured one.
 
 Cost does not depend on training, so without a shipped PC checkpoint the PC model is built from

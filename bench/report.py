@@ -203,7 +203,7 @@ def md_meta(meta):
         f"- Machine: {m['cpu']}, {m['cores']} CPU cores ({', '.join(m['isa'])}), "
         f"{m['memory_bytes'] / 2**30:.0f} GiB RAM",
         f"- torch {m['torch']} (CPU), Python {m['python']}, {m['torch_threads']} torch threads unless stated",
-        f"- Date: {m['date']}; 1-min load average at start {m['load_average'][0]:.2f}, "
+        f"- Host load (1-min load average) at start {m['load_average'][0]:.2f}, "
         f"at end {meta.get('load_end', [float('nan')])[0]:.2f}",
     ])
 
@@ -321,7 +321,7 @@ def md_pc(d):
                      fmt(r["tok_s"]), _x(r["multiple"]), _x(r["predicted"], 0) if r["settle_steps"] is not None else "1×",
                      f"{r['measured_over_predicted']:.2f}" if r["settle_steps"] is not None else "–"])
     return (f"PC model: {d['source']}. {d['threads']} torch threads, median step time over {d['n_decode']} decode "
-            f"steps × {d['repeats']} interleaved repeats; predicted multiple 1 + 3T (DESIGN.md §4).\n\n" +
+            f"steps × {d['repeats']} interleaved repeats; predicted multiple 1 + 3T (docs/pc.md).\n\n" +
             _table(["batch", "settle steps T", "ms/step", "tokens/s", "measured ×baseline", "predicted ×",
                     "measured / predicted"], rows))
 

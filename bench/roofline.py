@@ -65,7 +65,7 @@ def bandwidth(sizes_mib=(64, 256, 1024), reps=7, bar=None):
     """Read bandwidth (torch sum, batch-1 GEMV) at each working-set size, copy bandwidth at the
     largest. Past a few hundred MiB the rate is flat: that plateau is main memory. The torch
     buffers sit on huge pages where Linux offers them, as the served weights do (a 4 KiB-page
-    buffer reads ~4% slower here, and a bound measured on one would flatter the decode)."""
+    buffer reads slower, and a bound measured on one would flatter the decode)."""
     out = {"sizes_mib": list(sizes_mib), "sum_read_GBps": [], "gemv_read_GBps": [], "gemv_t_read_GBps": []}
     for mib in sizes_mib:
         a = empty_on_huge_pages((mib * MiB // 4,)).fill_(1)

@@ -7,6 +7,8 @@ import logging
 import signal
 import sys
 
+from pcgpt import cli_args
+
 
 def register(sub, model_args, env):
     from pcgpt.serve.config import ServerConfig
@@ -17,18 +19,26 @@ def register(sub, model_args, env):
     s.add_argument("--model", action="append", metavar="NAME=PATH",
                    default=[m for m in env("model", "").split(",") if m] or None,
                    help="serve the checkpoint at PATH as NAME (repeatable); default: both shipped checkpoints")
-    s.add_argument("--host", default=env("host", d.host))
-    s.add_argument("--port", type=int, default=int(env("port", d.port)))
-    s.add_argument("--device", default=env("device", d.device))
-    s.add_argument("--dtype", default=env("dtype", d.dtype))
-    s.add_argument("--max-batch-size", type=int, default=int(env("max_batch_size", d.max_batch_size)))
-    s.add_argument("--max-queue", type=int, default=int(env("max_queue", d.max_queue)))
-    s.add_argument("--api-key", default=env("api_key", None))
-    s.add_argument("--max-body-bytes", type=int, default=int(env("max_body_bytes", d.max_body_bytes)))
-    s.add_argument("--max-prompt-chars", type=int, default=int(env("max_prompt_chars", d.max_prompt_chars)))
+    s.add_argument("--host", default=env("host", d.host), help="listen address (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=int(env("port", d.port)), help="listen port")
+    s.add_argument("--device", default=env("device", d.device), help="auto (CUDA when present), cpu, cuda or cuda:N")
+    s.add_argument("--dtype", default=env("dtype", d.dtype), choices=cli_args.DTYPES,
+                   help="auto: float32 on CPU, bfloat16 on GPUs that have it")
+    s.add_argument("--max-batch-size", type=int, default=int(env("max_batch_size", d.max_batch_size)),
+                   help="KV-cache slots per model: sequences decoded together")
+    s.add_argument("--max-queue", type=int, default=int(env("max_queue", d.max_queue)),
+                   help="requests waiting per model beyond the batch; more are answered 429 at once")
+    s.add_argument("--api-key", default=env("api_key", None),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: none, open to anyone who "
+                        "can reach the port)")
+    s.add_argument("--max-body-bytes", type=int, default=int(env("max_body_bytes", d.max_body_bytes)),
+                   help="larger request bodies are answered 413")
+    s.add_argument("--max-prompt-chars", type=int, default=int(env("max_prompt_chars", d.max_prompt_chars)),
+                   help="longer prompts (characters, per prompt) are answered 400")
     s.add_argument("--cors-origin", action="append", default=[o for o in env("cors_origins", "").split(",") if o],
                    help="allow this browser origin (repeatable); CORS is closed by default")
-    s.add_argument("--drain-seconds", type=float, default=float(env("drain_seconds", d.drain_seconds)))
+    s.add_argument("--drain-seconds", type=float, default=float(env("drain_seconds", d.drain_seconds)),
+                   help="on SIGTERM, how long running requests may take to finish")
     s.add_argument("--threads", type=int, default=int(env("threads", d.threads)),
                    help="torch CPU threads of each model's engine process (0: PyTorch's default, one per core)")
     s.add_argument("--stream-interval", type=int, default=int(env("stream_interval", d.stream_interval)),
@@ -37,7 +47,8 @@ def register(sub, model_args, env):
                    default=env("cuda_graphs", "1") not in ("0", "false", "no"),
                    help="on CUDA, capture the decode step as CUDA graphs at start, one per batch-size bucket "
                         "(--no-cuda-graphs: launch it eagerly; no effect on CPU)")
-    s.add_argument("--log-level", default=env("log_level", "info"))
+    s.add_argument("--log-level", default=env("log_level", "info"), type=str.lower,
+                   choices=["critical", "error", "warning", "info", "debug"], help="the server's logging")
     s.set_defaults(func=cmd_serve)
 
 
@@ -72,6 +83,9 @@ def cmd_serve(args) -> int:
                           log_level=args.log_level.lower(), cuda_graphs=args.cuda_graphs)
     if config.max_batch_size < 1 or config.max_queue < 0 or config.stream_interval < 1:
         raise ValueError("--max-batch-size and --stream-interval must be at least 1 and --max-queue at least 0")
+    if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("pcgpt").warning("listening on %s with no API key: anyone who reaches port %d can use "
+                                           "the API; set --api-key (PCGPT_API_KEY)", config.host, config.port)
     # This process reads each checkpoint's config, tokenizer and tensor index (a bad one fails
     # here, at once); each model's engine process loads the weights.
     infos = {name: read_checkpoint_info(path) for name, path in config.models.items()}
@@ -80,8 +94,10 @@ def cmd_serve(args) -> int:
     except EngineStartError as e:
         print(f"pcgpt serve: error: {e}", file=sys.stderr)
         return 2
-    for name, info in infos.items():
-        logging.getLogger("pcgpt").info("serving %s (%s) from %s on %s", name, info.model_type, info.path, config.device)
+    from pcgpt.model.card import describe
+    for name, info in infos.items():  # the parameter count as inspect and /v1/models give it (model/card.py)
+        logging.getLogger("pcgpt").info("serving %s (%s, %s parameters) from %s on %s", name, info.model_type,
+                                        f"{describe(info)['parameters']:,}", info.path, config.device)
     app = create_app(config, engines)
     # uvicorn re-raises the SIGTERM it drained on after restoring this handler: with the default
     # handler the process would then die of the signal (exit -15) instead of exiting 0

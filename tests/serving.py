@@ -17,7 +17,7 @@ PCGPT = str(Path(sys.executable).parent / "pcgpt")
 BASELINE = ROOT / "pcgpt" / "checkpoints" / "shakespeare-char"
 PC = ROOT / "pcgpt" / "checkpoints" / "shakespeare-char-pc"
 SHIPPED = ("shakespeare-char", "shakespeare-char-pc")  # what `pcgpt serve` serves by default
-START_HANG_GUARD_S = 120  # a server not ready by then is stuck (a loaded machine starts one in ~20 s)
+START_HANG_GUARD_S = 120  # a server not ready by then is stuck, even on a loaded machine
 
 
 def free_port() -> int:

@@ -264,7 +264,7 @@ def test_code_running_pickles_are_refused(tmp_path):
 def test_code_running_pickles_are_refused_by_cli(tmp_path):
     marker = tmp_path / "marker"
     cases = _evil_files(tmp_path, marker)
-    for what, bad_file, path, meta in [cases[0], cases[2]]:  # one ckpt.pt, one meta.pkl: each CLI run costs ~2 s
+    for what, bad_file, path, meta in [cases[0], cases[2]]:  # one ckpt.pt, one meta.pkl: each CLI run starts torch
         extra = ["--meta", meta] if meta else []
         r = run_cli("generate", "--model", path, *extra, "--prompt", "a", "--max-tokens", 3, cwd=tmp_path)
         assert r.returncode != 0, what

@@ -127,8 +127,7 @@ def test_device_cuda_without_gpu_fails_cleanly(saved, tmp_path):
     (["--prompt", "Zebra \u00e9"], "not in the char vocabulary"),  # characters outside the vocabulary
     (["--prompt", "to be " * 11], "context"),  # 66 characters: over the 64-token context
     (["--prompt", "t" * 64], "context"),  # exactly the context: no room for a new token
-    (["--max-tokens", "-3"], "max-tokens"),
-], ids=["unknown-chars", "prompt-over-context", "prompt-fills-context", "negative-max-tokens"])
+], ids=["unknown-chars", "prompt-over-context", "prompt-fills-context"])
 def test_generate_errors_are_clean(saved, capsys, extra, expect):
     args = {"--prompt": "To be", "--max-tokens": "5"}
     args.update(zip(extra[::2], extra[1::2]))
@@ -139,11 +138,13 @@ def test_generate_errors_are_clean(saved, capsys, extra, expect):
     assert out == ""  # nothing half-printed before the error
 
 
-def test_generate_max_tokens_clamped_to_context(saved, capsys):
+def test_generate_default_max_tokens_fits_the_context(saved, capsys):
+    """Without --max-tokens, generate stops where the context ends; a --max-tokens past it is an
+    error (tests/test_cli_errors.py), as the server's 400."""
     model, tokenizer, _ = load_checkpoint(saved)
     prompt = "t" * 60
     tokens = [t for t, _, _ in generate(model, tokenizer.encode(prompt), 4, SamplingParams(temperature=0))]
-    rc, out, err = run_main(capsys, "generate", "--model", saved, "--prompt", prompt, "--max-tokens", 100,
+    rc, out, err = run_main(capsys, "generate", "--model", saved, "--prompt", prompt,
                             "--temperature", 0, "--device", "cpu")
     assert rc == 0, err
     assert out == prompt + tokenizer.decode(tokens) + "\n"

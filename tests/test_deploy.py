@@ -110,7 +110,7 @@ def test_promtool_check_config():
 # `promtool check metrics` exits 1 when the exposition does not parse and 3 when it parses but a
 # lint rule complains. The one complaint allowed: the entropy and surprise histograms are in bits,
 # which promtool's unit lint wants as bytes. Bits are the unit of information these measure, and
-# DESIGN.md §8 names the series so; every other lint rule must pass.
+# the series are named so (pcgpt/serve/metrics.py); every other lint rule must pass.
 ALLOWED_LINT = re.compile(r'^pcgpt_token_(entropy|surprise)_bits(_created)? use base unit "bytes" instead of "bits"$')
 
 

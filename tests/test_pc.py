@@ -1,4 +1,4 @@
-"""Behaviour of the predictive-coding GPT (model/pc.py, DESIGN.md §4) and of training (model/train.py).
+"""Behaviour of the predictive-coding GPT (model/pc.py, docs/pc.md) and of training (model/train.py).
 
 The models are the 'tiny' preset with random baseline weights, non-trivial LayerNorms and
 generators whose output projections are non-zero (a fresh generator predicts z_{l-1} = z_l), so

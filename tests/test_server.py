@@ -1,4 +1,4 @@
-"""The HTTP server end to end (DESIGN.md §5-§7): one real `pcgpt serve` process, driven with the
+"""The HTTP server end to end: one real `pcgpt serve` process, driven with the
 official `openai` client and raw HTTP.
 
 One server serves `base` (the shipped char-level Shakespeare baseline) and `pc` (a PC model over

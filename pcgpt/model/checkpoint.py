@@ -1,6 +1,6 @@
 """Checkpoint IO: load a model, its tokenizer and metadata from any supported format.
 
-Formats are told apart by content, never by file name alone (DESIGN.md §2):
+Formats are told apart by content, never by file name alone:
   - pcgpt directory: config.json with "format": "pcgpt" + model.safetensors (no pickle at all)
   - nanoGPT ckpt.pt: a torch.save'd dict with "model" and "model_args"; char vocabulary from a
     meta.pkl beside it (or given), GPT-2 BPE otherwise
@@ -151,6 +151,14 @@ def load_for_inference(path, meta_path=None, device="cpu", dtype=None):
     return model, tokenizer, metadata
 
 
+def _ordinary_file_mode(path: Path) -> None:
+    """safetensors writes its file 0600; a checkpoint is for others to read (another user, a
+    container's non-root user), so it gets the mode open() gives: 0666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_pcgpt(directory, model, tokenizer, metadata: dict | None = None) -> Path:
     """Writes a pcgpt directory: config.json (format, model type and args, tokenizer, metadata)
     and model.safetensors. The tied lm_head is stored once, as transformer.wte.weight."""
@@ -160,6 +168,7 @@ def save_pcgpt(directory, model, tokenizer, metadata: dict | None = None) -> Pat
     state = {k: v.detach().to("cpu", torch.float32).contiguous()
              for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(directory / "model.safetensors"))
+    _ordinary_file_mode(directory / "model.safetensors")
     config = {
         "format": FORMAT_MARKER,
         "format_version": FORMAT_VERSION,

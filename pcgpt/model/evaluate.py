@@ -7,8 +7,8 @@ over the same windows; the unsettled logits come out of the same pass, which giv
 reference (KL, top-1 flips, delta loss) of every T without a second forward.
 
 Calibration asks whether a per-token uncertainty signal ranks tokens by how surprised the model
-will be by the true next token: Spearman ρ of the signal against −log2 p(target). DESIGN.md §4
-found entropy predicts surprise well and the settled energy does not; this is the measurement.
+will be by the true next token: Spearman ρ of the signal against −log2 p(target) (docs/pc.md
+discusses which signals do).
 """
 
 import math
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pcgpt.model.sampling import token_stats
+from pcgpt.model.tokenizer import TokenizerError
 
 _LN2 = math.log(2.0)
 
@@ -148,14 +149,22 @@ def summarise(m: dict[str, torch.Tensor], T: int, seconds: float, n_chars: int, 
 
 # --- the command --------------------------------------------------------------------------------
 
-def evaluate(model, tokenizer, data_path: str, settle_steps=(0,), split: str = "val", max_tokens: int = 20000,
+def settle_cost(T: int) -> int:
+    """A settle-steps value's forward cost in baseline forwards: each settling step costs about
+    three (the energy's forward, its gradient, the re-prediction), as pcgpt/model/pc.py computes it."""
+    return 1 + 3 * T
+
+
+def evaluate(model, tokenizer, data_path: str, settle_steps=(0,), split: str = "val", max_tokens: int | None = 20000,
              block_size: int | None = None, batch_size: int = 8, name: str | None = None) -> dict:
-    """Evaluates the first max_tokens predictions of the split for every settle-steps value."""
+    """Evaluates the first max_tokens predictions of the split (None: all of them) for every
+    settle-steps value. Says its cost on stderr before it starts, and its estimated time after
+    the first batch."""
     from tqdm import tqdm
     pc = getattr(model, "model_type", "gpt") == "pc"
     block_size = block_size or model.config.block_size
     if not 0 < block_size <= model.config.block_size:
-        raise ValueError(f"block size {block_size} must be in 1..{model.config.block_size} (the model's context)")
+        raise ValueError(f"--block-size {block_size}: must be in 1..{model.config.block_size} (the model's context)")
     steps_list = sorted({int(t) for t in settle_steps}) or [0]
     if any(t < 0 for t in steps_list):
         raise ValueError(f"settle steps must be >= 0, got {steps_list}")
@@ -166,17 +175,26 @@ def evaluate(model, tokenizer, data_path: str, settle_steps=(0,), split: str = "
             note = f"baseline model (no settling): evaluated settle_steps=[0] only, not {steps_list}"
         steps_list = [0]
 
-    ids = split_ids(tokenizer, data_path, split)[:max_tokens + 1]  # +1: the last prediction's target
+    try:
+        ids = split_ids(tokenizer, data_path, split)
+    except TokenizerError as e:  # text the model's vocabulary cannot encode
+        raise ValueError(f"--data {data_path}: {e}") from None
+    if max_tokens is not None:
+        ids = ids[:max_tokens + 1]  # +1: the last prediction's target
     if len(ids) < 2:
-        raise ValueError(f"the {split} split of {data_path} has fewer than 2 tokens")
+        raise ValueError(f"--data {data_path}: its {split} split has fewer than 2 tokens")
     device = model.lm_head.weight.device
     batches = make_batches(make_windows(ids, block_size), batch_size)
     n_tokens = len(ids) - 1
     n_chars = len(tokenizer.decode(ids[1:].tolist()))
 
+    print(f"eval: {n_tokens:,} tokens of the {split} split x {len(steps_list)} settle-steps value(s) "
+          f"{steps_list} = {len(steps_list) * len(batches)} batches of up to {batch_size} windows of {block_size}",
+          file=sys.stderr, flush=True)
     model.eval()
     results = []
     bar = tqdm(total=len(steps_list) * len(batches), desc="eval", unit="batch", file=sys.stderr)
+    said_estimate = False
     with torch.no_grad():  # settling takes its gradients w.r.t. z under its own enable_grad
         for T in steps_list:
             parts, seconds = [], 0.0
@@ -190,6 +208,11 @@ def evaluate(model, tokenizer, data_path: str, settle_steps=(0,), split: str = "
                 parts.append(token_measures(model, logits, logits0, info, y))
                 bar.set_postfix(T=T)
                 bar.update()
+                if not said_estimate:  # later T cost more: tqdm's own ETA would assume they do not
+                    said_estimate = True
+                    per_forward = (time.perf_counter() - t0) / settle_cost(T)
+                    total = per_forward * len(batches) * sum(settle_cost(t) for t in steps_list)
+                    bar.write(f"eval: estimated time {total / 60:.1f} min", file=sys.stderr)
             m = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             results.append(summarise(m, T, seconds, n_chars, pc))
     bar.close()
@@ -200,6 +223,26 @@ def evaluate(model, tokenizer, data_path: str, settle_steps=(0,), split: str = "
     if note:
         report["note"] = note
     return report
+
+
+def record_eval(path, model, report: dict, command: str) -> dict:
+    """Writes the report's loss at the model's default settle steps into a pcgpt checkpoint's
+    config.json as its "eval" (what pcgpt inspect and /v1/models report as val_loss)."""
+    import json
+    from pathlib import Path
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"--record: {path} is not a pcgpt checkpoint directory (no config.json)")
+    T = getattr(model.config, "default_settle_steps", 0) if report["model_type"] == "pc" else 0
+    row = next((r for r in report["results"] if r["settle_steps"] == T), None)
+    if row is None:
+        raise ValueError(f"--record: the model's default settle steps {T} is not among --settle-steps")
+    record = {"split": f"val (last 10%), first {report['tokens']:,} tokens", "tokens": report["tokens"],
+              "settle_steps": T, "val_loss": row["loss"], "bits_per_char": row["bits_per_char"], "command": command}
+    config = json.loads(config_path.read_text())
+    config["eval"] = record
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return record
 
 
 # --- output -------------------------------------------------------------------------------------

@@ -8,11 +8,10 @@ returns (loss, info); the PC model's adds the unrolled-settling and free-energy 
 
 import json
 import math
-import shlex
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,66 +19,10 @@ from tqdm import tqdm
 
 from pcgpt.model.checkpoint import load_checkpoint, save_pcgpt
 from pcgpt.model.gpt import GPT, preset_config
-from pcgpt.model.tokenizer import CharTokenizer, gpt2_tokenizer
-
-
-@dataclass
-class TrainConfig:
-    data: str  # a UTF-8 text file; the first 90% trains, the last 10% validates (nanoGPT's split)
-    out_dir: str  # where the pcgpt checkpoint directory (best by validation loss) is written
-    model_type: str = "gpt"  # "gpt" (baseline) or "pc" (predictive coding)
-    init_from: str | None = None  # a checkpoint to start from (e.g. a baseline for PC); None = scratch
-    resume: bool = False  # continue from out_dir/train_state.pt (optimizer, step, RNG)
-    preset: str = "char-small"  # model shape when training from scratch (model/gpt.py PRESETS)
-    tokenizer: str = "char"  # "char" (vocabulary from the training text) or "gpt2"
-    dropout: float = 0.0  # dropout in the model while training
-    max_iters: int = 2000  # optimizer steps
-    batch_size: int = 16  # sequences per micro-batch
-    block_size: int = 256  # sequence length while training
-    grad_accum: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
-    warmup_iters: int = 100  # linear warmup steps
-    lr_decay_iters: int | None = None  # steps of cosine decay (default: max_iters)
-    weight_decay: float = 0.1  # AdamW decay, on matrices only (not biases, LayerNorm or precisions)
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # clip the gradient norm to this (0 = off)
-    eval_interval: int = 250  # steps between evaluations (and best-checkpoint saves)
-    eval_iters: int = 20  # validation batches per evaluation
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"  # autocast dtype on GPU; CPU trains in fp32
-    threads: int = 0  # torch threads on CPU (0 = PyTorch's default)
-    # predictive coding (model_type "pc")
-    pc_train: str = "all"  # "all" parameters, or "generators" (g_l and precisions only, baseline frozen)
-    pc_learning: str = "backprop"  # "backprop" through unrolled settling, or "local" (each part from its own error)
-    pc_k_max: int = 2  # unrolled settling steps are sampled from {0..k_max} per batch
-    pc_lambda0: float = 0.5  # weight of the unsettled prediction's CE (keeps T = 0 good)
-    pc_lambda_energy: float = 0.01  # weight of the free energy at the detached settled states
-    pc_alpha: float = 0.25  # settling step size while training
-    pc_default_settle_steps: int = 1  # stored in the checkpoint as the serving default
-    pc_rho_lr_scale: float = 0.1  # the precisions' learning rate relative to the rest: learned at full speed κ runs away
-    command: str = field(default="", repr=False)  # the command line that started this run, recorded in the checkpoint
-
-
-# nanoGPT's train.py defaults for the GPT-2 shapes (its config/train_gpt2.py): 12 sequences × 5
-# accumulation steps of 1024 tokens per device, lr 6e-4 with 2000 warmup steps and cosine decay to
-# 6e-5, weight decay 0.1, clip 1.0, betas 0.9 / 0.95. A preset's defaults apply where the command
-# line names no value of its own.
-GPT2_TRAIN_DEFAULTS = dict(tokenizer="gpt2", block_size=1024, batch_size=12, grad_accum=5, learning_rate=6e-4,
-                           min_lr=6e-5, warmup_iters=2000, max_iters=600_000, lr_decay_iters=600_000,
-                           weight_decay=0.1, grad_clip=1.0, beta1=0.9, beta2=0.95, eval_interval=2000,
-                           eval_iters=200, dropout=0.0)
-PRESET_TRAIN_DEFAULTS = {name: GPT2_TRAIN_DEFAULTS for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
-
-
-def train_config(given: dict) -> TrainConfig:
-    """A TrainConfig from the values a user gave (None = not given): the preset's defaults first,
-    then the dataclass's."""
-    preset = given.get("preset") or TrainConfig.__dataclass_fields__["preset"].default
-    values = {**PRESET_TRAIN_DEFAULTS.get(preset, {}), **{k: v for k, v in given.items() if v is not None}}
-    return TrainConfig(**values)
+from pcgpt.model.tokenizer import CharTokenizer, TokenizerError, gpt2_tokenizer
+# the settings live in a torch-free module (the CLI parses them without torch); re-exported here
+from pcgpt.model.train_config import (GPT2_TRAIN_DEFAULTS, PRESET_TRAIN_DEFAULTS, TrainConfig,  # noqa: F401
+                                      check_train_config, command_line, train_config)
 
 
 def load_text_splits(path: str, tokenizer):
@@ -148,8 +91,22 @@ def trainable_parameters(model, cfg: TrainConfig):
     return list(model.parameters())
 
 
+def check_model_and_data(cfg: TrainConfig, model, splits) -> None:
+    """What check_train_config cannot know before the model and the data are loaded."""
+    if cfg.init_from and model.model_type != cfg.model_type:
+        raise ValueError(f"--model-type {cfg.model_type}: --init-from {cfg.init_from} is a {model.model_type} "
+                         f"checkpoint, which trains as {model.model_type} (a gpt one can become pc, not back)")
+    if cfg.block_size > model.config.block_size:
+        raise ValueError(f"--block-size {cfg.block_size}: over the context length {model.config.block_size} "
+                         f"of --init-from {cfg.init_from}")
+    for name, data in splits.items():
+        if len(data) < cfg.block_size + 2:
+            raise ValueError(f"--data {cfg.data}: its {name} split is {len(data)} tokens, too short for "
+                             f"--block-size {cfg.block_size}")
+
+
 @torch.no_grad()
-def estimate_loss(model, splits, cfg: TrainConfig, generator, device, autocast) -> dict:
+def estimate_loss(model, splits, cfg: TrainConfig, generator, device, autocast, progress=None) -> dict:
     model.eval()
     out = {}
     for name, data in splits.items():
@@ -158,13 +115,31 @@ def estimate_loss(model, splits, cfg: TrainConfig, generator, device, autocast) 
             x, y = get_batch(data, cfg.batch_size, cfg.block_size, generator, device)
             with autocast:
                 losses[k] = model.eval_loss(x, y)
+            if progress is not None:
+                progress.update(1)
         out[name] = losses.mean().item()
     model.train()
     return out
 
 
+def evaluation_iters(start: int, cfg: TrainConfig, skip=None) -> list[int]:
+    """The iterations at which train() evaluates: every eval_interval, and at the end."""
+    its = [i for i in range(start, cfg.max_iters + 1) if i % cfg.eval_interval == 0 or i == cfg.max_iters]
+    return [i for i in its if i != skip]
+
+
+def describe_cost(cfg: TrainConfig, start: int, n_evals: int) -> str:
+    """The work a run will do, said before it starts."""
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    eval_tokens = n_evals * 2 * cfg.eval_iters * cfg.batch_size * cfg.block_size
+    return (f"train: {cfg.max_iters - start:,} steps x {tokens_per_iter:,} tokens = "
+            f"{(cfg.max_iters - start) * tokens_per_iter:,} tokens; {n_evals} evaluations x 2 splits x "
+            f"{cfg.eval_iters} batches = {eval_tokens:,} tokens (forward only)")
+
+
 def train(cfg: TrainConfig) -> dict:
     from pcgpt.model.device import resolve_device, resolve_dtype
+    check_train_config(cfg)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -174,8 +149,12 @@ def train(cfg: TrainConfig) -> dict:
 
     tokenizer = gpt2_tokenizer() if cfg.tokenizer == "gpt2" else CharTokenizer.from_text(Path(cfg.data).read_text(encoding="utf-8"))
     model, tokenizer = build_model(cfg, tokenizer, device)
-    train_data, val_data = load_text_splits(cfg.data, tokenizer)
+    try:
+        train_data, val_data = load_text_splits(cfg.data, tokenizer)
+    except TokenizerError as e:  # e.g. text outside the vocabulary of --init-from's checkpoint
+        raise ValueError(f"--data {cfg.data}: {e}") from None
     splits = {"train": train_data, "val": val_data}
+    check_model_and_data(cfg, model, splits)
 
     params = trainable_parameters(model, cfg)
     if cfg.model_type == "pc" and cfg.pc_train == "generators":
@@ -205,18 +184,27 @@ def train(cfg: TrainConfig) -> dict:
     loss_options = model.loss_options(cfg) if hasattr(model, "loss_options") else {}
     model.train()
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    bar = tqdm(total=cfg.max_iters, initial=it, desc=f"train {cfg.model_type}", unit="it", file=sys.stderr,
-               dynamic_ncols=True)
-    t_last = time.perf_counter()
     result = {}
     resumed_at = None
     if history and history[-1]["iter"] == it:  # resumed at an evaluation that is already recorded
         resumed_at = it
         result = {"iter": it, "best_val": best_val, **{k: v for k, v in history[-1].items() if k != "iter"}}
+    eval_its = evaluation_iters(it, cfg, skip=resumed_at)
+    print(describe_cost(cfg, it, len(eval_its)), file=sys.stderr, flush=True)
+    bar = tqdm(total=cfg.max_iters, initial=it, desc=f"train {cfg.model_type}", unit="it", file=sys.stderr,
+               dynamic_ncols=True)
+    start_it, eval_seconds, estimate_said = it, [], False
+    t_last = time.perf_counter()
     while True:
         final = it >= cfg.max_iters
-        if (it % cfg.eval_interval == 0 or final) and it != resumed_at:
-            losses = estimate_loss(model, splits, cfg, torch.Generator().manual_seed(eval_gen_seed), device, autocast)
+        if it in eval_its:
+            t_eval = time.perf_counter()
+            # evaluations can take as long as many steps: their own bar, so progress shows from the start
+            with tqdm(total=2 * cfg.eval_iters, desc=f"evaluate at step {it}", unit="batch", file=sys.stderr,
+                      dynamic_ncols=True, leave=False) as eval_bar:
+                losses = estimate_loss(model, splits, cfg, torch.Generator().manual_seed(eval_gen_seed), device,
+                                       autocast, progress=eval_bar)
+            eval_seconds.append(time.perf_counter() - t_eval)
             history.append({"iter": it, **losses})
             bar.write(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}")
             if losses["val"] < best_val or final and best_val == float("inf"):
@@ -228,6 +216,7 @@ def train(cfg: TrainConfig) -> dict:
             result = {"iter": it, "best_val": best_val, **losses}
         if final:
             break
+        t_step = time.perf_counter()
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -247,13 +236,27 @@ def train(cfg: TrainConfig) -> dict:
             model.after_step()
         now = time.perf_counter()
         elapsed += now - t_last
-        bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_per_iter / (now - t_last):,.0f}", lr=f"{lr:.1e}",
+        if not estimate_said:  # one step and one evaluation measured: the whole run's time, said once
+            estimate_said = True
+            step_s, eval_s = now - t_step, (eval_seconds[0] if eval_seconds else 0.0)
+            total = step_s * (cfg.max_iters - start_it) + eval_s * len(eval_its)
+            bar.write(f"estimated time: {_duration(total)} ({step_s:.2f} s a step, {eval_s:.1f} s an evaluation)",
+                      file=sys.stderr)
+        bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_per_iter / (now - t_step):,.0f}", lr=f"{lr:.1e}",
                         **{k: f"{v:.3g}" for k, v in info.items()})
         t_last = now
         bar.update(1)
         it += 1
     bar.close()
     return result
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _metadata(cfg: TrainConfig, it, elapsed, best_val, losses, history) -> dict:
@@ -269,6 +272,3 @@ def _metadata(cfg: TrainConfig, it, elapsed, best_val, losses, history) -> dict:
         "eval": {"split": "val (last 10%)", "val_loss": best_val, "train_loss": losses["train"]},
     }
 
-
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["pcgpt", *sys.argv[1:]])

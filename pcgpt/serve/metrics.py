@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN.md §8), every series labelled by model.
+"""Prometheus metrics, every series labelled by model.
 
 Buckets start at 0.5 ms, fine enough for a 4-layer char model on a CPU, and reach minutes, wide
 enough for a 124M model on a CPU under load.

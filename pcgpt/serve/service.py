@@ -56,7 +56,7 @@ def _created(metadata: dict) -> int:
 
 def sampler_defaults(metadata: dict, tokenizer) -> dict:
     """The error-driven sampler's defaults for a checkpoint: its own "sampler" entry, else τ = its
-    validation cross-entropy in bits for a char model (DESIGN §5) and 5 bits for BPE."""
+    validation cross-entropy in bits for a char model (docs/pc.md) and 5 bits for BPE."""
     defaults = dict(metadata.get("sampler") or {})
     val_loss = (metadata.get("eval") or {}).get("val_loss") if isinstance(metadata.get("eval"), dict) else None
     if "tau" not in defaults:
@@ -291,7 +291,7 @@ _CHECK_CLIENT = object()  # a queue item that is no event: time to check for a d
 
 
 def _sse(obj) -> bytes:
-    # orjson: one chunk per token makes this the hottest line of a stream (json.dumps was ~5x slower);
+    # orjson: one chunk per token makes this the hottest line of a stream (json.dumps is much slower);
     # values are finite by construction (serve/output._finite), which orjson would otherwise write as null
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
