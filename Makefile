@@ -29,10 +29,12 @@ install-serve: $(SERVE_STAMP)
 
 install: $(DEV_STAMP)
 
-# System packages the tests need: Debian's prometheus (with promtool) for tests/test_deploy.py.
+# System packages the tests need: Debian's prometheus (with promtool) for tests/test_deploy.py,
+# Debian's nginx for tests/test_replicas.py and bench/replicas.py (the load balancer).
 deps-system:
 	command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		(apt-get update && apt-get install -y --no-install-recommends prometheus)
+	command -v nginx >/dev/null || (apt-get update && apt-get install -y --no-install-recommends nginx-light)
 
 serve: $(SERVE_STAMP)
 	$(BIN)/pcgpt serve

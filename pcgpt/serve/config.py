@@ -28,3 +28,4 @@ class ServerConfig:
     threads: int = 0  # torch CPU threads of each engine process (0 = PyTorch's default)
     stream_interval: int = 1  # tokens per stream chunk while a request runs (the first goes at once); >1: less HTTP work per token
     log_level: str = "info"  # the server's and its engine processes' logging
+    replica_id: str = ""  # this replica's name in metrics (label `replica`) and log lines; "" = hostname:port
