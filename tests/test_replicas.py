@@ -82,10 +82,11 @@ def cluster(tmp_path_factory):
     replicas = [Server({MODEL: BASELINE}, "--max-batch-size", "4", "--max-queue", "16", "--drain-seconds", "30",
                        "--replica-id", f"replica-{i}", log_path=tmp / f"replica-{i}.log") for i in range(3)]
     with contextlib.ExitStack() as stack:
+        for replica in replicas:  # stop() is safe on a replica that never started
+            stack.callback(replica.stop)
         # start the three side by side: each loads its model in its own engine process
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            for replica in pool.map(lambda r: r.__enter__(), replicas):
-                stack.callback(replica.__exit__, None, None, None)
+            list(pool.map(lambda r: r.__enter__(), replicas))
         stack.callback(terminate_all, replicas)  # runs first: the three stop side by side
         nginx = stack.enter_context(Nginx([r.port for r in replicas], tmp / "nginx"))
         yield {"replicas": replicas, "nginx": nginx}
