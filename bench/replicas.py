@@ -4,7 +4,7 @@ streaming load: a fixed number of clients sending streamed completions back to b
 time. Reported per replica count: requests and errors, generated tokens/s in all and per replica,
 each replica's share of the requests (from nginx's access log), end-to-end latency.
 
-    .venv/bin/python -m bench.replicas [--seconds 15] [--clients 12] [--max-tokens 64] [--replicas 1 2 3]
+    .venv/bin/python -m bench.replicas [--rounds 2] [--seconds 15] [--clients 12] [--max-tokens 64] [--replicas 1 2 3]
 
 All replicas share this machine's cores: each is an HTTP process plus an engine process, so one
 replica can already keep two cores busy, and on a 2-core machine more replicas divide the same
@@ -77,9 +77,25 @@ def run(replica_count: int, seconds: float, clients: int, max_tokens: int, max_b
             "per_replica": per_replica}
 
 
+def summary(runs: list[dict]) -> list[dict]:
+    """Per replica count: the median and range over the rounds of tokens/s, and the totals."""
+    out = []
+    for n in sorted({r["replicas"] for r in runs}):
+        mine = [r for r in runs if r["replicas"] == n]
+        rates = [r["tokens_per_s"] for r in mine]
+        out.append({"replicas": n, "rounds": len(mine), "tokens_per_s_median": round(statistics.median(rates), 1),
+                    "tokens_per_s_range": [min(rates), max(rates)],
+                    "requests": sum(r["requests"] for r in mine), "errors": sum(r["errors"] for r in mine),
+                    "e2e_p50_s_median": round(statistics.median(r["e2e_s"]["p50"] for r in mine), 3),
+                    "share_per_replica_median": [round(statistics.median(r["per_replica"][i]["share"] for r in mine), 3)
+                                                 for i in range(n)]})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--rounds", type=int, default=2, help="each replica count this many times, interleaved")
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--clients", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -88,17 +104,22 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.replicas:
-            result = run(n, args.seconds, args.clients, args.max_tokens, args.max_batch_size, args.threads,
-                         Path(tmp) / f"r{n}")
-            runs.append(result)
-            shares = ", ".join(f"{p['replica']} {p['requests']} req {p['tokens_per_s']} tok/s" for p in result["per_replica"])
-            print(f"{n} replica(s): {result['tokens_per_s']} tok/s, {result['requests']} requests, "
-                  f"{result['errors']} errors, e2e p50 {result['e2e_s']['p50']} s; {shares}", flush=True)
+        for round_ in range(args.rounds):
+            for n in args.replicas:
+                result = run(n, args.seconds, args.clients, args.max_tokens, args.max_batch_size, args.threads,
+                             Path(tmp) / f"round{round_}-r{n}")
+                runs.append(result)
+                shares = ", ".join(f"{p['replica']} {p['requests']} req {p['tokens_per_s']} tok/s"
+                                   for p in result["per_replica"])
+                print(f"{n} replica(s): {result['tokens_per_s']} tok/s, {result['requests']} requests, "
+                      f"{result['errors']} errors, e2e p50 {result['e2e_s']['p50']} s; {shares}", flush=True)
     command = "python -m bench.replicas " + " ".join(argv if argv is not None else sys.argv[1:])
     path = write_json("replicas", {"machine": machine(), "command": command.strip(), "model": MODEL,
+                                   "clients": args.clients, "seconds": args.seconds,
                                    "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size,
-                                   "threads_per_replica": args.threads, "runs": runs})
+                                   "threads_per_replica": args.threads, "summary": summary(runs), "runs": runs})
+    for row in summary(runs):
+        print(row)
     print(f"wrote {path}")
     return 0
 

@@ -40,9 +40,11 @@ class DrainingServer(uvicorn.Server):
         self.engines_told = False
 
     def handle_exit(self, sig: int, frame) -> None:
-        if sig != signal.SIGTERM or self.drain_deadline is not None:
-            return super().handle_exit(sig, frame)
-        self._captured_signals.append(sig)  # uvicorn re-raises it once it has shut down, as for any signal
+        starts_drain = sig == signal.SIGTERM and self.drain_deadline is None
+        super().handle_exit(sig, frame)  # records the signal, which uvicorn re-raises once it has shut down
+        if not starts_drain:
+            return
+        self.should_exit = False
         self.drain_deadline = time.monotonic() + self.drain_seconds
         # a signal handler runs between two bytecodes of the event loop's thread, possibly inside a
         # write to an engine's pipe: set flags here, and tell the engines from on_tick
@@ -56,6 +58,14 @@ class DrainingServer(uvicorn.Server):
                     engine.stop_admitting()
             if counter % 10 == 0:
                 log.info("draining: %d request(s) running; /ready answers 503", len(self.server_state.tasks))
-            if not self.server_state.tasks or time.monotonic() >= self.drain_deadline:
+            if not self.server_state.tasks:
+                self.should_exit = True
+            elif time.monotonic() >= self.drain_deadline:
+                # the drain's time is spent: uvicorn's shutdown and the engines' must not wait as long
+                # again (the orchestrator's SIGKILL is due), so what still runs is cancelled now
+                log.warning("drain: %d request(s) still running after %.0f s; cancelling them",
+                            len(self.server_state.tasks), self.drain_seconds)
+                self.config.timeout_graceful_shutdown = 1
+                self.app.state.config.drain_seconds = 0
                 self.should_exit = True
         return await super().on_tick(counter)
