@@ -26,6 +26,8 @@ class Nginx:
 
     def __init__(self, upstream_ports: list[int], directory: Path, fail_timeout_s: int = 10):
         self.binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(self.binary).exists():
+            raise RuntimeError("nginx is not installed: `make deps-system` installs Debian's package")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dir = Path(directory)
