@@ -118,6 +118,7 @@ def test_request_id_through_the_balancer(cluster):
     direct = httpx.get(replicas[0].url + "/health")  # no balancer, no id given: the replica makes one
     assert len(direct.headers["x-request-id"]) == 32
     # the replica that served the request logged its id and its own name on the access line
+    assert wait_for(lambda: "client-abc.1:2" in nginx.log_entries(), 10)  # logged once nginx has closed it
     entries = nginx.log_entries()
     port = entries["client-abc.1:2"]["upstreams"][-1].rsplit(":", 1)[1]
     served_by = next(r for r in replicas if str(r.port) == port)
