@@ -30,11 +30,13 @@ install-serve: $(SERVE_STAMP)
 install: $(DEV_STAMP)
 
 # System packages the tests need: Debian's prometheus (with promtool) for tests/test_deploy.py,
-# Debian's chromium for tests/test_playground.py.
+# Debian's chromium for tests/test_playground.py; Debian's nginx for tests/test_replicas.py and
+# bench/replicas.py (the load balancer).
 deps-system:
 	command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		(apt-get update && apt-get install -y --no-install-recommends prometheus)
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
+	command -v nginx >/dev/null || (apt-get update && apt-get install -y --no-install-recommends nginx-light)
 
 serve: $(SERVE_STAMP)
 	@echo "The command line is $(BIN)/pcgpt ($(BIN)/pcgpt --help lists its commands)."

@@ -49,6 +49,8 @@ def register(sub, model_args, env):
                         "(--no-cuda-graphs: launch it eagerly; no effect on CPU)")
     s.add_argument("--log-level", default=env("log_level", "info"), type=str.lower,
                    choices=["critical", "error", "warning", "info", "debug"], help="the server's logging")
+    s.add_argument("--replica-id", default=env("replica_id", d.replica_id),
+                   help="this replica's name in metrics (label replica) and log lines; default: hostname:port")
     s.set_defaults(func=cmd_serve)
 
 
@@ -74,13 +76,20 @@ def cmd_serve(args) -> int:
     from pcgpt.serve.engine_process import EngineStartError
     from pcgpt.serve.server import create_app, start_engines
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pcgpt.serve.replica import DrainingServer, default_replica_id
+    from pcgpt.serve.request_id import LogContext
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [%(replica)s %(request_id)s]: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(LogContext(args.replica_id or default_replica_id(args.port)))
     config = ServerConfig(models=parse_models(args.model), host=args.host, port=args.port, device=args.device,
                           dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                           api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
                           max_prompt_chars=args.max_prompt_chars, cors_origins=args.cors_origin,
                           drain_seconds=args.drain_seconds, threads=args.threads, stream_interval=args.stream_interval,
-                          log_level=args.log_level.lower(), cuda_graphs=args.cuda_graphs)
+                          log_level=args.log_level.lower(), cuda_graphs=args.cuda_graphs,
+                          replica_id=args.replica_id)
     if config.max_batch_size < 1 or config.max_queue < 0 or config.stream_interval < 1:
         raise ValueError("--max-batch-size and --stream-interval must be at least 1 and --max-queue at least 0")
     if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
@@ -102,6 +111,9 @@ def cmd_serve(args) -> int:
     # uvicorn re-raises the SIGTERM it drained on after restoring this handler: with the default
     # handler the process would then die of the signal (exit -15) instead of exiting 0
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=int(config.drain_seconds) or None)
+    # log_config=None: uvicorn's own lines, access lines included, go through the handler above,
+    # with the replica and the request id
+    uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level.lower(),
+                                    log_config=None, timeout_graceful_shutdown=int(config.drain_seconds) or None)
+    DrainingServer(uvicorn_config, app, config.drain_seconds).run()
     return 0

@@ -29,3 +29,4 @@ class ServerConfig:
     stream_interval: int = 1  # tokens per stream chunk while a request runs (the first goes at once); >1: less HTTP work per token
     log_level: str = "info"  # the server's and its engine processes' logging
     cuda_graphs: bool = True  # on CUDA, replay the decode step from graphs captured at start (serve/cuda_graphs.py)
+    replica_id: str = ""  # this replica's name in metrics (label `replica`) and log lines; "" = hostname:port

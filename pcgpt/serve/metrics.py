@@ -30,8 +30,9 @@ ENGINE_ERROR_TYPE = "generation_error"  # of pcgpt_request_errors, the one type 
 class Metrics:
     """All series of one server process; the engine and routes call these, tests read /metrics."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, replica: str | None = None):
         self.registry = registry or CollectorRegistry()
+        self.replica = replica  # when set, every exported sample carries replica="..." (pcgpt/serve/replica.py)
         r = self.registry
         m = ["model"]
         self.requests = Counter("pcgpt_requests", "Finished requests (choices) by finish reason", m + ["finish_reason"], registry=r)
@@ -101,6 +102,8 @@ class Metrics:
                 family.samples = ([s for s in family.samples if s.labels.get("type") != ENGINE_ERROR_TYPE] +
                                   [s for s in theirs.get(errors, []) if s.labels.get("type") == ENGINE_ERROR_TYPE])
             out.append(family)
+        if self.replica:
+            out = [_with_label(family, "replica", self.replica) for family in out]
         return generate_latest(_Families(out))
 
     def _sample_process(self) -> None:
@@ -124,6 +127,12 @@ class Metrics:
 
 def _empty_like(family: Metric) -> Metric:
     return Metric(family.name, family.documentation, family.type, family.unit)
+
+
+def _with_label(family: Metric, name: str, value: str) -> Metric:
+    labelled = _empty_like(family)
+    labelled.samples = [s._replace(labels={**s.labels, name: value}) for s in family.samples]
+    return labelled
 
 
 class _Families:

@@ -18,6 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pcgpt.serve.config import ServerConfig
 from pcgpt.serve.engine_process import RemoteEngine
 from pcgpt.serve.metrics import CONTENT_TYPE_LATEST, Metrics
+from pcgpt.serve.replica import default_replica_id
+from pcgpt.serve.request_id import RequestIdMiddleware
 from pcgpt.serve.schemas import (CHAT_COMPLETION_BODY, CHAT_COMPLETION_CHUNK, COMPLETION_BODY, COMPLETION_CHUNK, ERROR_BODY,
                          HEALTH_BODY, MODEL_CARD, MODEL_LIST, READY_BODY, ChatCompletionRequest, CompletionRequest,
                          stream_event)
@@ -130,7 +132,7 @@ def create_app(config: ServerConfig, engines: dict) -> FastAPI:
     """`engines`: served name -> a ready RemoteEngine (start_engines); the app drains and stops
     them when it shuts down."""
     fault_injection = any(e.spec["fault_injection"] for e in engines.values())
-    metrics = Metrics()
+    metrics = Metrics(replica=config.replica_id or default_replica_id(config.port))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -160,6 +162,7 @@ def create_app(config: ServerConfig, engines: dict) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer, a 413 included, carries the id
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
