@@ -28,3 +28,6 @@ class ServerConfig:
     threads: int = 0  # torch CPU threads of each engine process (0 = PyTorch's default)
     stream_interval: int = 1  # tokens per stream chunk while a request runs (the first goes at once); >1: less HTTP work per token
     log_level: str = "info"  # the server's and its engine processes' logging
+    engine_watchdog_s: float = 30.0  # an engine with work and no step for this long is hung: killed, then restarted
+    max_engine_restarts: int = 5  # restarts in a row before a model stays down (and /health fails)
+    engine_restart_backoff_s: float = 1.0  # wait before the first restart; doubles per restart in a row, up to 60 s
