@@ -9,15 +9,18 @@ death is the one past the limit. Waits are hang guards; no test asserts how fast
 """
 
 import asyncio
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
-from serving import BASELINE, PC, Server
+from serving import BASELINE, PC, ROOT, Server
 from test_engine_process import engine_pids, sse, wait_for
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(240)]
@@ -48,6 +51,22 @@ def base_engine(server) -> int:
     return pid
 
 
+def container_healthchecks() -> list[list[str]]:
+    """The commands of the image's HEALTHCHECK and of docker-compose.yml's pcgpt healthcheck."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    image = json.loads(re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", dockerfile, re.M | re.S).group(1))
+    services = (ROOT / "docker-compose.yml").read_text()
+    pcgpt_service = services[services.index("\n  pcgpt:"):]
+    compose = json.loads(re.search(r"^ +test: (\[.*\])$", pcgpt_service, re.M).group(1))  # its first healthcheck
+    assert compose[0] == "CMD"
+    return [image, compose[1:]]
+
+
+def healthcheck_passes(server, command: list[str]) -> bool:
+    command = [sys.executable if c == "python" else c.replace(":8000/", f":{server.port}/") for c in command]
+    return subprocess.run(command, capture_output=True, timeout=30).returncode == 0
+
+
 def ready(server) -> httpx.Response:
     return httpx.get(server.url + "/ready", timeout=10)
 
@@ -69,7 +88,8 @@ def test_a_stopped_engine_blocks_nothing_is_detected_failed_and_restarted(server
     stopped_at = time.monotonic()
 
     async def flood_and_probe():
-        async with httpx.AsyncClient(base_url=server.url, timeout=GUARD_S) as ac:
+        async with httpx.AsyncClient(base_url=server.url, timeout=GUARD_S, limits=httpx.Limits(max_connections=200)) as ac, \
+                httpx.AsyncClient(base_url=server.url) as probe:
             async def stream():
                 body = {"model": BASE, "prompt": "ROMEO:", "max_tokens": 240, "ignore_eos": True, "stream": True}
                 async with ac.stream("POST", "/v1/completions", json=body) as r:
@@ -81,9 +101,9 @@ def test_a_stopped_engine_blocks_nothing_is_detected_failed_and_restarted(server
                 "stop": [f"{i:03d}{j:02d}" + "x" * 250 for j in range(16)]})) for i in range(120)]
             await asyncio.sleep(0.2)
             # hang guards: a loop blocked in a pipe send would answer neither, ever
-            health = await ac.get("/health", timeout=10)
-            other = await ac.post("/v1/completions", json={"model": PCM, "prompt": "ROMEO:", "max_tokens": 4},
-                                  timeout=30)
+            health = await probe.get("/health", timeout=10)
+            other = await probe.post("/v1/completions", json={"model": PCM, "prompt": "ROMEO:", "max_tokens": 4},
+                                     timeout=30)
             return health, other, await asyncio.gather(*flood), await streamed
 
     health, other, flooded, (stream_status, lines) = asyncio.run(flood_and_probe())
@@ -102,6 +122,7 @@ def test_a_stopped_engine_blocks_nothing_is_detected_failed_and_restarted(server
     # restarting: not ready, but alive (liveness holds while the server can recover by itself)
     assert "hung" in ready(server).json()["models"][BASE] or ready(server).status_code == 200
     assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok"}
+    assert all(healthcheck_passes(server, check) for check in container_healthchecks())
     print(f"\nhung engine failed its requests {time.monotonic() - stopped_at:.1f} s after SIGSTOP "
           f"(watchdog {WATCHDOG_S} s)")
     assert wait_for(lambda: ready(server).status_code == 200, GUARD_S), ready(server).text
@@ -151,6 +172,7 @@ def test_a_dead_engine_past_its_restarts_fails_its_requests_with_503_zero_gauges
         assert "gave up after 1 restarts in a row" in health["models"][BASE], health
         status = c.get("/ready")
         assert status.status_code == 503 and status.json()["models"][PCM] == "running", status.text
+        assert not any(healthcheck_passes(server, check) for check in container_healthchecks())
         assert server.metric("pcgpt_engine_up", {"model": BASE}) == 0
         assert server.metric("pcgpt_engine_up", {"model": PCM}) == 1
         for gauge in ("pcgpt_num_requests_running", "pcgpt_num_requests_waiting", "pcgpt_kv_cache_usage_ratio",
