@@ -217,6 +217,8 @@ class RemoteEngine:
             return f"{why}; restart {self._streak} of {self.max_restarts} in {wait:.0f} s"
         if self._restart_task is not None:
             return f"{why}; restart {self._streak} of {self.max_restarts} loading"
+        if self.gave_up and self.max_restarts == 0:
+            return f"{why}; restarts are off (--max-engine-restarts 0)"
         if self.gave_up:
             return f"{why}; gave up after {self.max_restarts} restarts in a row"
         return why
