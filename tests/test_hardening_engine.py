@@ -38,6 +38,8 @@ def server(tmp_path_factory):
                 "--engine-watchdog-seconds", str(WATCHDOG_S), "--engine-restart-backoff", "0.2",
                 "--max-engine-restarts", str(MAX_RESTARTS), log_path=log) as s:
         yield s
+        s.proc.kill()  # no drain to wait for (its engines exit when their pipes close)
+        s.proc.wait()
 
 
 def log_text(server) -> str:
