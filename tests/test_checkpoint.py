@@ -538,13 +538,12 @@ def test_nanogpt_and_hf_model_args_are_checked(tmp_path):
 
 
 def test_nanogpt_dataset_cannot_steer_the_meta_lookup_outside_its_directory(tmp_path):
-    model, tokenizer = char_model()
-    ckpt = write_nanogpt(tmp_path / "ckpts" / "out", model, tokenizer, with_meta=False)
+    ckpt = tmp_path / "ckpts" / "out" / "ckpt.pt"  # the tokenizer is looked up before the weights are checked
+    ckpt.parent.mkdir(parents=True)
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, bias=False, vocab_size=65, dropout=0.0)
     write_meta(tmp_path / "elsewhere" / "meta.pkl", TEXT)  # out/data/../../../elsewhere/meta.pkl
     for dataset in ("../../../elsewhere", str(tmp_path / "elsewhere"), "..", 7):
-        saved = torch.load(ckpt, weights_only=True)
-        saved["config"]["dataset"] = dataset
-        torch.save(saved, ckpt)
+        torch.save({"model": {}, "model_args": model_args, "config": {"dataset": dataset}}, ckpt)
         msg = _error(ckpt)
         assert msg.startswith(f"{ckpt}: config.dataset must be a directory name under data/"), (dataset, msg)
 
