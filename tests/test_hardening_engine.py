@@ -82,7 +82,7 @@ def is_openai_error(response, status: int, code: str) -> bool:
 def test_a_stopped_engine_blocks_nothing_is_detected_failed_and_restarted(server):
     """SIGSTOP on an idle engine: it neither reads its pipe nor steps. 120 requests with 16 long
     stop strings each (~0.5 MB of messages, more than a pipe holds) then must not stall the event
-    loop: /health and the other model answer. The watchdog (its clock starts with the first
+    loop: /health, /metrics and the other model answer. The watchdog (its clock starts with the first
     request) fails the requests with 503, a stream with an in-band error; /ready names the hung
     engine; the restarted engine serves again."""
     victim = base_engine(server)
@@ -104,12 +104,14 @@ def test_a_stopped_engine_blocks_nothing_is_detected_failed_and_restarted(server
             await asyncio.sleep(0.2)
             # hang guards: a loop blocked in a pipe send would answer neither, ever
             health = await probe.get("/health", timeout=10)
+            scrape = await probe.get("/metrics", timeout=10)  # the stopped engine's metrics are not waited for
             other = await probe.post("/v1/completions", json={"model": PCM, "prompt": "ROMEO:", "max_tokens": 4},
                                      timeout=30)
-            return health, other, await asyncio.gather(*flood), await streamed
+            return health, scrape, other, await asyncio.gather(*flood), await streamed
 
-    health, other, flooded, (stream_status, lines) = asyncio.run(flood_and_probe())
+    health, scrape, other, flooded, (stream_status, lines) = asyncio.run(flood_and_probe())
     assert health.status_code == 200, health.text
+    assert scrape.status_code == 200 and f'pcgpt_engine_up{{model="{PCM}"}} 1.0' in scrape.text
     assert other.status_code == 200, other.text
     statuses = [r.status_code for r in flooded]
     assert set(statuses) <= {200, 429, 503}, statuses  # never a 500, never a hang
