@@ -187,3 +187,70 @@ def test_a_dead_engine_past_its_restarts_fails_its_requests_with_503_zero_gauges
         assert is_openai_error(refused, 503, "model_unavailable"), refused.text
         served = c.post("/v1/completions", json={"model": PCM, "prompt": "x", "max_tokens": 2})
         assert served.status_code == 200, served.text
+
+
+class _RunningProcess:
+    """Stands in for an engine process that runs (the pipe is driven by the test instead)."""
+    pid = 0
+    exitcode = None
+
+    def is_alive(self):
+        return True
+
+    def join(self, timeout=None):
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_a_message_written_in_parts_never_blocks_the_event_loop():
+    """No server: a RemoteEngine on a real pipe whose other end the test writes by hand. An engine
+    stopped half-way through a message leaves the loop free (its timers run) until the rest
+    arrives; a message larger than the pipe holds arrives whole; the order of messages is kept."""
+    import multiprocessing
+    import pickle
+    import struct
+    import threading
+    from pcgpt.model.checkpoint import read_checkpoint_info
+    from pcgpt.serve.engine_process import RemoteEngine
+
+    engine = RemoteEngine(BASE, read_checkpoint_info(BASELINE), device="cpu", dtype="float32", threads=1,
+                          max_batch_size=4, max_queue=4, sampler_defaults={}, stream_interval=1)
+    engine._conn, child = multiprocessing.Pipe()
+    engine._proc = _RunningProcess()
+
+    def frame(message) -> bytes:
+        data = pickle.dumps(message)
+        return struct.pack("!i", len(data)) + data
+
+    heartbeat, big = frame(("heartbeat", 7)), frame(("events", [(999, "x" * 3_000_000)]))  # key 999: nobody's
+
+    async def scenario():
+        engine.attach()
+        ticks = []
+        loop = asyncio.get_running_loop()
+
+        def tick():
+            ticks.append(time.monotonic())
+            loop.call_later(0.02, tick)
+
+        tick()
+        os.write(child.fileno(), heartbeat[:6])  # the header and two bytes of the pickle
+        finish = threading.Timer(1.0, lambda: os.write(child.fileno(), heartbeat[6:]))
+        finish.start()
+        started = time.monotonic()
+        while engine._steps != 7:
+            await asyncio.sleep(0.01)
+        ran_meanwhile = len([t for t in ticks if started < t < started + 0.9])
+        # larger than the socket's buffers: written from a thread, as the engine would, while the loop reads
+        writer = threading.Thread(target=lambda: (child.send_bytes(big[4:]), child.send(("heartbeat", 8))))
+        writer.start()
+        while engine._steps != 8:
+            await asyncio.sleep(0.01)
+        writer.join()
+        engine._watch_timer.cancel()
+        engine._disconnect()
+        return ran_meanwhile
+
+    ran_meanwhile = asyncio.run(scenario())
+    assert ran_meanwhile >= 10, ran_meanwhile  # the loop kept running while half a message sat in the pipe
+    child.close()

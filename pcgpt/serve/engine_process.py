@@ -28,8 +28,11 @@ import itertools
 import logging
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ log = logging.getLogger("pcgpt.engine_process")
 START_TIMEOUT_S = 600  # loading a checkpoint in the engine process
 COLLECT_TIMEOUT_S = 1.0  # a scrape waits this long for an engine's metrics, then serves its last ones
 MAX_MESSAGES_PER_WAKE = 32  # engine messages handled before the event loop gets a turn
+READ_BYTES = 1 << 20  # read from an engine's pipe while less than this is buffered (its backpressure)
 RESTART_BACKOFF_MAX_S = 60.0  # the longest wait before a restart (the backoff doubles up to it)
 RESTART_STREAK_RESET_S = 300.0  # an engine up this long has its count of restarts in a row reset
 
@@ -89,6 +93,55 @@ class _Writer:
                     return
         finally:
             self._conn.close()
+
+
+class _Frames:
+    """An engine's messages as the event loop reads them: multiprocessing.Connection's framing
+    (a "!i" length, or -1 and a "!Q" length, then the pickle), read without ever waiting. Bytes are
+    taken as they arrive (recv with MSG_DONTWAIT, on a duplicate of the pipe's socket: the writer
+    thread keeps its blocking writes), whole messages come out. An engine stopped half-way through
+    writing a message leaves part of it here instead of a read that blocks the loop."""
+
+    def __init__(self, fd: int):
+        self.sock = socket.socket(fileno=os.dup(fd))
+        self.buffer = bytearray()
+
+    def read(self) -> bool:
+        """Takes what has arrived; False at end of file. While READ_BYTES and a whole message are
+        buffered it takes nothing, so an engine that sends faster than the loop handles waits."""
+        if len(self.buffer) >= READ_BYTES and self._frame() is not None:
+            return True
+        try:
+            data = self.sock.recv(READ_BYTES, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        self.buffer += data
+        return bool(data)
+
+    def _frame(self):
+        """(start, end) of the first message's pickle once it has all arrived, else None."""
+        buffer = self.buffer
+        if len(buffer) < 4:
+            return None
+        (size,), start = struct.unpack_from("!i", buffer), 4
+        if size == -1:
+            if len(buffer) < 12:
+                return None
+            (size,), start = struct.unpack_from("!Q", buffer, 4), 12
+        return (start, start + size) if len(buffer) >= start + size else None
+
+    def next(self):
+        """The next whole message, or None while it has not all arrived."""
+        frame = self._frame()
+        if frame is None:
+            return None
+        start, end = frame
+        message = pickle.loads(self.buffer[start:end])
+        del self.buffer[:end]
+        return message
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class RemoteEngine:
@@ -140,7 +193,7 @@ class RemoteEngine:
         self._keys = itertools.count(1)
         self._collects: dict = {}  # token -> future of a metrics request
         self._last_families: list = []  # what the engine reported last
-        self._proc = self._conn = self._loop = self._writer = None
+        self._proc = self._conn = self._loop = self._writer = self._frames = None
         self._connected = False  # attached to the current process's pipe
         self._generation = 0  # which process incarnation the pipe callbacks belong to
         self._steps = -1  # the engine's step count, as its last heartbeat said
@@ -193,9 +246,10 @@ class RemoteEngine:
         self._writer = _Writer(self._conn, self.name,
                                lambda: self._loop.call_soon_threadsafe(self._lost, generation))
         self._connected = True
-        self._loop.add_reader(self._conn.fileno(), self._on_readable, generation)
-        # uvloop (libuv) makes a watched descriptor non-blocking; a message read then could stop
-        # half-way (EAGAIN). Readiness is all the loop needs: reads block per message.
+        self._frames = _Frames(self._conn.fileno())
+        self._loop.add_reader(self._frames.sock.fileno(), self._on_readable, generation)
+        # uvloop (libuv) makes a watched descriptor non-blocking, and the flag is the socket's, so
+        # the writer's too: the writer thread blocks per message (its reads never wait: _Frames)
         os.set_blocking(self._conn.fileno(), True)
         self.dead = None
         self._steps = -1
@@ -254,7 +308,8 @@ class RemoteEngine:
         if self._connected:
             self._connected = False
             if not self._loop.is_closed():
-                self._loop.remove_reader(self._conn.fileno())
+                self._loop.remove_reader(self._frames.sock.fileno())
+            self._frames.close()
         if self._writer is not None:
             self._writer.close()  # it closes the connection once its last send returns
             self._writer = None
@@ -312,17 +367,27 @@ class RemoteEngine:
         self._writer.put(message)
 
     def _on_readable(self, generation: int) -> None:
-        if generation != self._generation:
+        if generation != self._generation or not self._connected:
             return
         try:
-            # a bounded batch per wake-up: an engine that keeps sending must not keep the loop
-            # from the streams its events are for
-            for _ in range(MAX_MESSAGES_PER_WAKE):
-                self._handle(self._conn.recv())
-                if generation != self._generation or not self._connected or not self._conn.poll():
-                    break
-        except (EOFError, OSError):
+            arrived = self._frames.read()
+        except OSError:
+            arrived = False
+        self._drain(generation)
+        if not arrived:  # end of file: the process is gone (what it sent before is handled)
             self._lost(generation)
+
+    def _drain(self, generation: int) -> None:
+        # a bounded batch per turn: an engine that keeps sending must not keep the loop from the
+        # streams its events are for
+        for _ in range(MAX_MESSAGES_PER_WAKE):
+            if generation != self._generation or not self._connected:
+                return
+            message = self._frames.next()
+            if message is None:
+                return
+            self._handle(message)
+        self._loop.call_soon(self._drain, generation)
 
     def _handle(self, message) -> None:
         kind = message[0]
