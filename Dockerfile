@@ -38,6 +38,9 @@ RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin pcgpt
 USER 10001
 
 EXPOSE 8000
+# /health is liveness: it fails only once a model's engine has used up its restarts
+# (--max-engine-restarts), when restarting the container is the cure. /ready is readiness: 503 while
+# any engine is down or being restarted (a load balancer's or Kubernetes' readinessProbe).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]
 CMD ["pcgpt", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -67,6 +67,10 @@ SERVER_ARGS = ("--max-batch-size", str(BATCH), "--max-queue", str(QUEUE), "--dra
 
 # --- helpers ------------------------------------------------------------------------------------
 
+# the fault run looks at a dead engine: its restart (after --engine-restart-backoff) is kept far off
+FAULTS_SERVER_ARGS = ("--engine-restart-backoff", "600")
+
+
 @contextmanager
 def serve(ckpt: Path, log_path: Path, fault_injection: bool = False, *extra: str):
     env = {"PCGPT_FAULT_INJECTION": "1"} if fault_injection else {"PCGPT_FAULT_INJECTION": "0"}
@@ -716,7 +720,7 @@ def main(argv=None) -> int:
                     report["soak"] = _show("soak", run_soak(s, args.soak, args.soak_concurrency))
         if args.faults:
             report["bad_checkpoints"] = _show("bad checkpoints", run_bad_checkpoints(ckpt, tmp / "bad"))
-            with serve(ckpt, tmp / "faults.log", True) as s:
+            with serve(ckpt, tmp / "faults.log", True, *FAULTS_SERVER_ARGS) as s:
                 report["request_faults"] = _show("request faults", run_request_faults(s))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

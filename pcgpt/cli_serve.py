@@ -51,6 +51,14 @@ def register(sub, model_args, env):
                    choices=["critical", "error", "warning", "info", "debug"], help="the server's logging")
     s.add_argument("--replica-id", default=env("replica_id", d.replica_id),
                    help="this replica's name in metrics (label replica) and log lines; default: hostname:port")
+    s.add_argument("--engine-watchdog-seconds", type=float, default=float(env("engine_watchdog_seconds", d.engine_watchdog_s)),
+                   help="an engine that has requests and runs no step for this long is hung: its requests fail "
+                        "with 503, its process is killed and restarted (default %(default)s)")
+    s.add_argument("--max-engine-restarts", type=int, default=int(env("max_engine_restarts", d.max_engine_restarts)),
+                   help="restarts in a row of a dead or hung engine before its model stays down and /health "
+                        "answers 503 (0: never restart; default %(default)s)")
+    s.add_argument("--engine-restart-backoff", type=float, default=float(env("engine_restart_backoff", d.engine_restart_backoff_s)),
+                   help="seconds before the first restart, doubling per restart in a row up to 60 (default %(default)s)")
     s.set_defaults(func=cmd_serve)
 
 
@@ -89,12 +97,17 @@ def cmd_serve(args) -> int:
                           max_prompt_chars=args.max_prompt_chars, cors_origins=args.cors_origin,
                           drain_seconds=args.drain_seconds, threads=args.threads, stream_interval=args.stream_interval,
                           log_level=args.log_level.lower(), cuda_graphs=args.cuda_graphs,
-                          replica_id=args.replica_id)
+                          replica_id=args.replica_id, engine_watchdog_s=args.engine_watchdog_seconds,
+                          max_engine_restarts=args.max_engine_restarts,
+                          engine_restart_backoff_s=args.engine_restart_backoff)
     if config.max_batch_size < 1 or config.max_queue < 0 or config.stream_interval < 1:
         raise ValueError("--max-batch-size and --stream-interval must be at least 1 and --max-queue at least 0")
     if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("pcgpt").warning("listening on %s with no API key: anyone who reaches port %d can use "
                                            "the API; set --api-key (PCGPT_API_KEY)", config.host, config.port)
+    if not (config.engine_watchdog_s > 0 and config.max_engine_restarts >= 0 and config.engine_restart_backoff_s >= 0):
+        raise ValueError("--engine-watchdog-seconds must be above 0, --max-engine-restarts and "
+                         "--engine-restart-backoff at least 0")
     # This process reads each checkpoint's config, tokenizer and tensor index (a bad one fails
     # here, at once); each model's engine process loads the weights.
     infos = {name: read_checkpoint_info(path) for name, path in config.models.items()}

@@ -459,3 +459,104 @@ def test_reading_info_leaves_the_initialisers_working(saved):
     torch.manual_seed(0)
     model = GPT(preset_config("tiny", vocab_size=65))
     assert 0.01 < model.transformer.wte.weight.std() < 0.03  # GPT-2's init: N(0, 0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# every field of config.json checked at load (pcgpt/model/config_schema.py)
+
+
+CONFIG_MISTAKES = [  # (change to config.json, the field the message must name)
+    ({"model_args": {"n_head": 0}}, "model_args.n_head"),
+    ({"model_args": {"n_head": 2.0}}, "model_args.n_head"),
+    ({"model_args": {"n_layer": True}}, "model_args.n_layer"),
+    ({"model_args": {"n_embd": 33}}, "model_args.n_embd"),  # not divisible by n_head
+    ({"model_args": {"block_size": 0}}, "model_args.block_size"),
+    ({"model_args": {"vocab_size": "65"}}, "model_args.vocab_size"),
+    ({"model_args": {"dropout": 1.0}}, "model_args.dropout"),
+    ({"model_args": {"dropout": float("nan")}}, "model_args.dropout"),
+    ({"model_args": {"bias": "no"}}, "model_args.bias"),
+    ({"model_args": {"gelu_approximate": "fast"}}, "model_args.gelu_approximate"),
+    ({"model_args": []}, "model_args"),
+    ({"format_version": 99}, "format_version"),
+    ({"saved_at": "yesterday"}, "saved_at"),
+    ({"created": "yesterday"}, "created"),
+    ({"sampler": {"tau": "abc"}}, "sampler.tau"),
+    ({"sampler": {"tau": -1}}, "sampler.tau"),
+    ({"sampler": {"lam": None}}, "sampler.lam"),
+    ({"sampler": {"tua": 2.0}}, "sampler.tua"),
+    ({"sampler": [2.0]}, "sampler"),
+    ({"eval": {"val_loss": "low"}}, "eval.val_loss"),
+    ({"eval": "good"}, "eval"),
+    ({"training": 3}, "training"),
+]
+PC_MISTAKES = [
+    ({"model_args": {"alpha": 0}}, "model_args.alpha"),
+    ({"model_args": {"max_settle_steps": -1}}, "model_args.max_settle_steps"),
+    ({"model_args": {"default_settle_steps": 20, "max_settle_steps": 16}}, "model_args.default_settle_steps"),
+    ({"model_args": {"generator_rank": "4"}}, "model_args.generator_rank"),
+    ({"model_args": {"rho_max": float("inf")}}, "model_args.rho_max"),
+    ({"model_args": {"early_stop": 1.5}}, "model_args.early_stop"),
+]
+
+
+def _with(config: dict, change: dict) -> dict:
+    out = dict(config)
+    for key, value in change.items():
+        out[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
+    return out
+
+
+def test_every_config_field_is_checked_with_one_message_naming_it(tmp_path):
+    from pcgpt.model.pc import PCGPT
+    model, tokenizer = char_model()
+    torch.manual_seed(0)
+    checkpoints = {"gpt": save_pcgpt(tmp_path / "gpt", model, tokenizer, {"eval": {"val_loss": 1.7}}),
+                   "pc": save_pcgpt(tmp_path / "pc", PCGPT.from_baseline(model), tokenizer)}
+    for kind, mistakes in (("gpt", CONFIG_MISTAKES), ("pc", CONFIG_MISTAKES[:3] + PC_MISTAKES)):
+        config_path = checkpoints[kind] / "config.json"
+        config = json.loads(config_path.read_text())
+        for change, field in mistakes:
+            config_path.write_text(json.dumps(_with(config, change)))
+            msg = _error(checkpoints[kind])
+            assert msg.startswith(f"{config_path}: {field}: "), (kind, change, msg)
+            assert "\n" not in msg and "{" not in msg, msg  # one line, the field and its value, not the dict
+        config_path.write_text(json.dumps(config))
+        read_checkpoint_info(checkpoints[kind])  # the unchanged config still loads
+
+
+def test_nanogpt_and_hf_model_args_are_checked(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"  # the arguments fail before any weight is looked at
+    torch.save({"model": {}, "model_args": dict(n_layer=2, n_head=0, n_embd=32, block_size=64, bias=False,
+                                                vocab_size=65, dropout=0.0)}, ckpt)
+    assert _error(ckpt).startswith(f"{ckpt}: model_args.n_head: must be in [1, ")
+    hf = tmp_path / "hf"  # the config fails before any weight is read
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"")
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32,
+                                                "n_positions": "64", "vocab_size": 50257}))
+    assert _error(hf).startswith(f"{hf / 'config.json'}: n_positions: must be an integer")
+
+
+def test_nanogpt_dataset_cannot_steer_the_meta_lookup_outside_its_directory(tmp_path):
+    ckpt = tmp_path / "ckpts" / "out" / "ckpt.pt"  # the tokenizer is looked up before the weights are checked
+    ckpt.parent.mkdir(parents=True)
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, bias=False, vocab_size=65, dropout=0.0)
+    write_meta(tmp_path / "elsewhere" / "meta.pkl", TEXT)  # out/data/../../../elsewhere/meta.pkl
+    for dataset in ("../../../elsewhere", str(tmp_path / "elsewhere"), "..", 7):
+        torch.save({"model": {}, "model_args": model_args, "config": {"dataset": dataset}}, ckpt)
+        msg = _error(ckpt)
+        assert msg.startswith(f"{ckpt}: config.dataset must be a directory name under data/"), (dataset, msg)
+
+
+def test_cli_and_serve_refuse_a_bad_config_in_one_line(saved, capsys):
+    """In process (the `pcgpt` entry point's main): serve fails on the config before it starts anything."""
+    from pcgpt.cli import main
+    config_path = saved / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "sampler": {"tau": "abc"}}))
+    for args in (["inspect", str(saved)], ["serve", "--model", f"m={saved}", "--port", "9"]):
+        capsys.readouterr()
+        assert main(args) == 2, args
+        out = capsys.readouterr()
+        assert out.err == f"pcgpt {args[0]}: error: {config_path}: sampler.tau: must be a finite number, found 'abc'\n"
+        assert out.out == ""

@@ -49,7 +49,9 @@ def engine_pids(server: Server) -> list[int]:
 
 @pytest.fixture()
 def server(tmp_path):
-    with Server({BASE: BASELINE, PCM: PC}, "--max-batch-size", "4", log_path=tmp_path / "server.log") as s:
+    # a restart far off: the test looks at the dead engine (tests/test_hardening_engine.py restarts one)
+    with Server({BASE: BASELINE, PCM: PC}, "--max-batch-size", "4", "--engine-restart-backoff", "600",
+                log_path=tmp_path / "server.log") as s:
         yield s
 
 

@@ -75,7 +75,7 @@ def test_truncated_and_misshapen_checkpoints_fail_at_start(ckpt, tmp_path):
 
 
 def test_a_failing_request_fails_alone_and_a_dead_engine_is_not_ready(ckpt, tmp_path):
-    with rel.serve(ckpt, tmp_path / "faults.log", True) as s:
+    with rel.serve(ckpt, tmp_path / "faults.log", True, *rel.FAULTS_SERVER_ARGS) as s:
         figures = rel.run_request_faults(s)
         show("request faults", figures)
         assert figures["problems"] == []

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import time
 import zipfile
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from pcgpt.model.config_schema import ConfigFieldError, check_model_args, check_pcgpt_config
 from pcgpt.model.gpt import GPT, GPTConfig
 from pcgpt.model.formats import to_inference_format
 from pcgpt.model.tokenizer import TokenizerError, gpt2_tokenizer, load_meta_pkl, tokenizer_from_spec
@@ -209,19 +211,20 @@ def _read(path: Path, meta_path, read_weights):
     return CheckpointInfo(str(path), fmt, model_type, config, tokenizer, metadata), weights, state
 
 
-def _model_config(path: Path, model_type: str, model_args: dict):
-    """The validated config for model_type from model_args (a model is built from it on the meta
-    device, so arguments the model's constructor rejects fail here too)."""
+def _model_config(path: Path, model_type: str, model_args: dict, names: dict | None = None):
+    """The validated config for model_type from model_args: every field's type and range
+    (config_schema; `names`: what the file calls an argument), then a model built from it on the
+    meta device, so arguments the model's constructor rejects fail here too."""
     classes = model_classes()
     if model_type not in classes:
         raise CheckpointError(f"{path}: unknown model_type {model_type!r}; this server knows {sorted(classes)}")
     config_cls, _ = classes[model_type]
-    if not isinstance(model_args, dict):
-        raise CheckpointError(f"{path}: model_args must be an object, found {type(model_args).__name__}")
+    try:
+        check_model_args(model_type, model_args, "" if names else "model_args.", names)
+    except ConfigFieldError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     try:
         config = config_cls.from_dict(model_args)
-        if config.n_embd % config.n_head:
-            raise ValueError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
         build_model(model_type, config, device="meta")
         return config
     except (TypeError, ValueError, AssertionError, RuntimeError, ZeroDivisionError) as e:
@@ -312,9 +315,10 @@ def _read_pcgpt(path: Path, meta_path, read_weights):
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing (a pcgpt directory holds config.json and model.safetensors)")
-    for key in ("model_type", "model_args", "tokenizer"):
-        if key not in config:
-            raise CheckpointError(f"{path / 'config.json'}: missing key {key!r}")
+    try:
+        check_pcgpt_config(config, FORMAT_VERSION, model_classes())
+    except ConfigFieldError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
     try:
         tokenizer = tokenizer_from_spec(config["tokenizer"])
     except TokenizerError as e:
@@ -348,7 +352,12 @@ def _nanogpt_tokenizer(path: Path, meta_path, train_config: dict):
     """nanoGPT's sample.py looks for data/<dataset>/meta.pkl; we look beside the checkpoint too."""
     candidates = [Path(meta_path)] if meta_path else [path.parent / "meta.pkl"]
     if not meta_path and isinstance(train_config, dict) and train_config.get("dataset"):
-        candidates.append(path.parent / "data" / str(train_config["dataset"]) / "meta.pkl")
+        dataset = train_config["dataset"]
+        # a directory name under data/, as nanoGPT's are: the checkpoint must not steer the
+        # lookup (and the unpickling of a meta.pkl) outside its own directory
+        if not (isinstance(dataset, str) and dataset not in (".", "..") and re.fullmatch(r"[\w.-]+", dataset)):
+            raise CheckpointError(f"{path}: config.dataset must be a directory name under data/, found {dataset!r}")
+        candidates.append(path.parent / "data" / dataset / "meta.pkl")
     for candidate in candidates:
         if candidate.is_file():
             try:
@@ -375,7 +384,7 @@ def _read_hf_gpt2(path: Path, meta_path, read_weights):
     weights = next((p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.is_file()), None)
     if weights is None:
         raise CheckpointError(f"{path}: HF GPT-2 directory without model.safetensors or pytorch_model.bin")
-    model_config = _model_config(weights, "gpt", model_args)
+    model_config = _model_config(path / "config.json", "gpt", model_args, names={"block_size": "n_positions"})
     converted = {}
     for k, v in read_weights(weights).items():
         if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):

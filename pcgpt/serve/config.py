@@ -30,3 +30,6 @@ class ServerConfig:
     log_level: str = "info"  # the server's and its engine processes' logging
     cuda_graphs: bool = True  # on CUDA, replay the decode step from graphs captured at start (serve/cuda_graphs.py)
     replica_id: str = ""  # this replica's name in metrics (label `replica`) and log lines; "" = hostname:port
+    engine_watchdog_s: float = 30.0  # an engine with work and no step for this long is hung: killed, then restarted
+    max_engine_restarts: int = 5  # restarts in a row before a model stays down (and /health fails)
+    engine_restart_backoff_s: float = 1.0  # wait before the first restart; doubles per restart in a row, up to 60 s

@@ -63,6 +63,11 @@ class Metrics:
         self.energy = Histogram("pcgpt_token_energy", "PC energy per unit after settling, per generated token", m, buckets=ENERGY_BUCKETS, registry=r)
         self.decode_steps = Counter("pcgpt_decode_steps", "Batched decode steps run", m, registry=r)
         self.model_info = Info("pcgpt_model", "The loaded models", m, registry=r)
+        self.engine_up = Gauge("pcgpt_engine_up", "1 while the model's engine process runs and steps; 0 while it is "
+                               "dead, hung or restarting", m, registry=r)
+        self.engine_restarts = Counter("pcgpt_engine_restarts", "Restarts of the model's engine process after it "
+                                       "died or hung", m, registry=r)
+        self._restarts_counted: dict[str, int] = {}
         self.errors.labels(model="none", type="invalid_request_error")  # requests for no loaded model
         self.engine_pids: list[int] = []  # engine processes, whose memory the process series add
 
@@ -82,6 +87,14 @@ class Metrics:
             self.requests.labels(model=name, finish_reason=reason)
         for type_ in ERROR_TYPES:
             self.errors.labels(model=name, type=type_)
+
+    def observe_engines(self, up: dict[str, bool], restarts: dict[str, int]) -> None:
+        """Per model (served name): whether its engine is up, and how often it was restarted."""
+        for name, is_up in up.items():
+            self.engine_up.labels(model=name).set(1 if is_up else 0)
+            counted = self._restarts_counted.get(name, 0)
+            self.engine_restarts.labels(model=name).inc(restarts.get(name, 0) - counted)
+            self._restarts_counted[name] = restarts.get(name, 0)
 
     def render(self, engine_families: list[list[Metric]]) -> bytes:
         """The exposition text: the engine series from engine_families (each engine process's
@@ -123,6 +136,19 @@ class Metrics:
                     peak += resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.rss.set(rss)
         self.rss_peak.set(peak)
+
+
+def zero_gauges(families: list[Metric]) -> list[Metric]:
+    """An engine's families as they read once it is dead: its gauges 0 (nothing runs, nothing is
+    held), its counters and histograms as they last were."""
+    out = []
+    for family in families:
+        if family.type == "gauge":
+            copy = _empty_like(family)
+            copy.samples = [s._replace(value=0.0) for s in family.samples]
+            family = copy
+        out.append(family)
+    return out
 
 
 def _empty_like(family: Metric) -> Metric:

@@ -153,7 +153,9 @@ MODEL_CARD = {
 }
 MODEL_LIST = {"type": "object", "title": "ModelList", "required": ["object", "data"],
               "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": MODEL_CARD}}}
-HEALTH_BODY = {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
+HEALTH_BODY = {"type": "object", "required": ["status"],
+               "properties": {"status": {"type": "string", "enum": ["ok", "failed"]},
+                              "models": {"type": "object", "additionalProperties": {"type": "string"}}}}
 READY_BODY = {"type": "object", "required": ["status", "models"],
               "properties": {"status": {"type": "string", "enum": ["ready", "not ready"]},
                              "models": {"type": "object", "additionalProperties": {"type": "string"}}}}

@@ -4,6 +4,7 @@ Routes are thin: they validate (pydantic, schemas.py), turn a request into engin
 (service.py), and turn engine events into OpenAI-shaped bodies or SSE chunks.
 """
 
+import asyncio
 import hmac
 import logging
 import os
@@ -114,7 +115,9 @@ def start_engines(config: ServerConfig, infos: dict) -> dict:
                                   max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                                   sampler_defaults=service.sampler_defaults(info.metadata, info.tokenizer),
                                   stream_interval=config.stream_interval, fault_injection=fault_injection,
-                                  log_level=config.log_level, cuda_graphs=config.cuda_graphs)
+                                  log_level=config.log_level, watchdog_s=config.engine_watchdog_s,
+                                  max_restarts=config.max_engine_restarts,
+                                  restart_backoff_s=config.engine_restart_backoff_s, cuda_graphs=config.cuda_graphs)
                for name, info in infos.items()}
     try:
         for engine in engines.values():
@@ -224,22 +227,33 @@ def create_app(config: ServerConfig, engines: dict) -> FastAPI:
                            "server_error", None, "model_unavailable")
         return engine
 
-    @app.get("/health", summary="liveness: the process answers", responses={200: _json(HEALTH_BODY, "alive")})
-    async def health():
+    # Kubernetes' split: liveness (/health) fails only when restarting the server is the cure (an
+    # engine down for good); readiness (/ready) fails while any engine is down or restarting.
+    @app.get("/health", summary="liveness: the process answers and every model is up or being restarted "
+                                "(503 once an engine has used up its restarts)",
+             responses={200: _json(HEALTH_BODY, "alive"), 503: _json(HEALTH_BODY, "a model is down for good")})
+    async def health(request: Request):
+        failed = {name: e.status for name, e in request.app.state.engines.items() if e.gave_up}
+        if failed:
+            return JSONResponse(status_code=503, content={"status": "failed", "models": failed})
         return {"status": "ok"}
 
     @app.get("/ready", summary="readiness: models loaded and every engine running (503 otherwise)",
-             responses={200: _json(READY_BODY, "ready"), 503: _json(READY_BODY, "not ready: an engine died or is stopping")})
+             responses={200: _json(READY_BODY, "ready"), 503: _json(READY_BODY, "not ready: an engine is down or the server is stopping")})
     async def ready(request: Request):
         engines = request.app.state.engines
-        status = {name: ("running" if e.alive else f"dead: {e.dead or 'not started'}") for name, e in engines.items()}
+        status = {name: e.status for name, e in engines.items()}
         ok = bool(engines) and all(e.alive for e in engines.values()) and not request.app.state.shutting_down
         body = {"status": "ready" if ok else "not ready", "models": status}
         return JSONResponse(status_code=200 if ok else 503, content=body)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics_route(request: Request):
-        engine_families = [await e.collect() for e in request.app.state.engines.values()]
+        engines = request.app.state.engines
+        # side by side: a slow engine costs one COLLECT_TIMEOUT_S, not one per engine
+        engine_families = await asyncio.gather(*(e.collect() for e in engines.values()))
+        metrics.engine_pids = [e.pid for e in engines.values() if e.alive]
+        metrics.observe_engines({n: e.alive for n, e in engines.items()}, {n: e.restarts for n, e in engines.items()})
         return Response(metrics.render(engine_families), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(require_api_key)], summary="the loaded models",

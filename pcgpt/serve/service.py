@@ -13,6 +13,7 @@ import uuid
 import orjson
 
 from pcgpt.serve.engine import DoneEvent, EngineUnavailable, ErrorEvent, QueueFull, Request
+from pcgpt.serve.engine_process import EngineLostEvent
 from pcgpt.model.card import describe
 from pcgpt.model.checkpoint import CheckpointInfo
 from pcgpt.model.sampling import ErrorDrivenParams, SamplingParams
@@ -159,6 +160,8 @@ class Job:
     async def collect(self, request):
         choices = {r.index: _Choice(r, self) for r in self.requests}
         async for event in self.events(request):
+            if isinstance(event, EngineLostEvent):  # not this request's fault: the client may retry
+                raise APIError(503, event.message, "server_error", None, "model_unavailable")
             if isinstance(event, ErrorEvent):
                 raise APIError(500, event.message, "server_error", None, "generation_failed")
             choices[event.index].add(event)
@@ -179,8 +182,8 @@ class Job:
                                                      "logprobs": None, "finish_reason": None}]))
         async for event in self.events(request):
             if isinstance(event, ErrorEvent):
-                yield _sse({"error": {"message": event.message, "type": "server_error", "param": None,
-                                      "code": "generation_failed"}})
+                code = "model_unavailable" if isinstance(event, EngineLostEvent) else "generation_failed"
+                yield _sse({"error": {"message": event.message, "type": "server_error", "param": None, "code": code}})
                 continue
             part = choices[event.index].add(event)
             if part is not None:
