@@ -5,7 +5,7 @@ import json
 
 
 def register(sub, model_args, env):
-    from pcgpt.model.train import TrainConfig
+    from pcgpt.model.train import TRAIN_CHOICES, TrainConfig
     t = sub.add_parser("train", help="train a baseline or PC model (nanoGPT-style loop)",
                        description="Defaults: model/train.py TrainConfig; the gpt2 presets take nanoGPT's "
                                    "(lr 6e-4, warmup 2000, 12 x 5 accumulation, betas 0.9/0.95, ...).")
@@ -23,7 +23,7 @@ def register(sub, model_args, env):
         elif "float" in kind or f.type is float:
             t.add_argument(flag, type=float, default=None, required=required)
         else:
-            t.add_argument(flag, default=None, required=required)
+            t.add_argument(flag, default=None, required=required, choices=TRAIN_CHOICES.get(f.name))
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="loss, perplexity, settling effect and calibration on a text file")

@@ -60,7 +60,15 @@ class TrainConfig:
     pc_alpha: float = 0.25  # settling step size while training
     pc_default_settle_steps: int = 1  # stored in the checkpoint as the serving default
     pc_rho_lr_scale: float = 0.1  # the precisions' learning rate relative to the rest: learned at full speed κ runs away
+    pc_error_law: str = "gaussian"  # law of the prediction errors: "gaussian", "laplace" or "student_t" (learned ν per layer)
+    pc_ln_precision: bool = False  # measure errors in LayerNorm units (1/σ of each state as its precision)
+    pc_attention_precision: bool = False  # weight attention's heads by learned per-head precisions
     command: str = field(default="", repr=False)  # the command line that started this run, recorded in the checkpoint
+
+
+# the values a str field accepts (the CLI's choices)
+TRAIN_CHOICES = {"model_type": ("gpt", "pc"), "tokenizer": ("char", "gpt2"), "pc_train": ("all", "generators"),
+                 "pc_learning": ("backprop", "local"), "pc_error_law": ("gaussian", "laplace", "student_t")}
 
 
 # nanoGPT's train.py defaults for the GPT-2 shapes (its config/train_gpt2.py): 12 sequences × 5
@@ -128,18 +136,24 @@ def build_model(cfg: TrainConfig, tokenizer, device):
         tokenizer = base_tok
         if cfg.model_type == "pc" and base.model_type == "gpt":
             from pcgpt.model.pc import PCGPT
-            model = PCGPT.from_baseline(base, default_settle_steps=cfg.pc_default_settle_steps)
+            model = PCGPT.from_baseline(base, **pc_options(cfg))
         else:
             model = base
     else:
         gpt_config = preset_config(cfg.preset, vocab_size=tokenizer.vocab_size, block_size=cfg.block_size)
         if cfg.model_type == "pc":
             from pcgpt.model.pc import PCConfig, PCGPT
-            model = PCGPT(PCConfig(**gpt_config.to_dict(), default_settle_steps=cfg.pc_default_settle_steps))
+            model = PCGPT(PCConfig(**gpt_config.to_dict(), **pc_options(cfg)))
         else:
             model = GPT(gpt_config)
     model.set_dropout(cfg.dropout) if hasattr(model, "set_dropout") else None
     return model.to(device), tokenizer
+
+
+def pc_options(cfg: TrainConfig) -> dict:
+    """The PCConfig fields a training run sets."""
+    return dict(default_settle_steps=cfg.pc_default_settle_steps, error_law=cfg.pc_error_law,
+                ln_precision=bool(cfg.pc_ln_precision), attention_precision=bool(cfg.pc_attention_precision))
 
 
 def trainable_parameters(model, cfg: TrainConfig):
@@ -183,7 +197,7 @@ def train(cfg: TrainConfig) -> dict:
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-    optimizer = make_optimizer(params, cfg, device, slow_params=[model.rho] if cfg.model_type == "pc" else [])
+    optimizer = make_optimizer(params, cfg, device, slow_params=list(model.slow_parameters()) if cfg.model_type == "pc" else [])
     amp_dtype = resolve_dtype(cfg.dtype, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if device.type == "cuda" and amp_dtype != torch.float32 else nullcontext()
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp_dtype == torch.float16)
