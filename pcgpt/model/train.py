@@ -34,6 +34,7 @@ class TrainConfig:
     tokenizer: str = "char"  # "char" (vocabulary from the training text) or "gpt2"
     dropout: float = 0.0  # dropout in the model while training
     max_iters: int = 2000  # optimizer steps
+    max_seconds: float = 0.0  # also stop (after a final evaluation) once training has run this long; 0 = off
     batch_size: int = 16  # sequences per micro-batch
     block_size: int = 256  # sequence length while training
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -59,6 +60,7 @@ class TrainConfig:
     pc_lambda_energy: float = 0.01  # weight of the free energy at the detached settled states
     pc_alpha: float = 0.25  # settling step size while training
     pc_default_settle_steps: int = 1  # stored in the checkpoint as the serving default
+    pc_serve_alpha: float = 0.1  # settling step size stored in the checkpoint (serving, evaluation)
     pc_rho_lr_scale: float = 0.1  # the precisions' learning rate relative to the rest: learned at full speed κ runs away
     pc_error_law: str = "gaussian"  # law of the prediction errors: "gaussian", "laplace" or "student_t" (learned ν per layer)
     pc_ln_precision: bool = False  # measure errors in LayerNorm units (1/σ of each state as its precision)
@@ -152,7 +154,7 @@ def build_model(cfg: TrainConfig, tokenizer, device):
 
 def pc_options(cfg: TrainConfig) -> dict:
     """The PCConfig fields a training run sets."""
-    return dict(default_settle_steps=cfg.pc_default_settle_steps, error_law=cfg.pc_error_law,
+    return dict(default_settle_steps=cfg.pc_default_settle_steps, alpha=cfg.pc_serve_alpha, error_law=cfg.pc_error_law,
                 ln_precision=bool(cfg.pc_ln_precision), attention_precision=bool(cfg.pc_attention_precision))
 
 
@@ -228,7 +230,7 @@ def train(cfg: TrainConfig) -> dict:
         resumed_at = it
         result = {"iter": it, "best_val": best_val, **{k: v for k, v in history[-1].items() if k != "iter"}}
     while True:
-        final = it >= cfg.max_iters
+        final = it >= cfg.max_iters or 0 < cfg.max_seconds <= elapsed
         if (it % cfg.eval_interval == 0 or final) and it != resumed_at:
             losses = estimate_loss(model, splits, cfg, torch.Generator().manual_seed(eval_gen_seed), device, autocast)
             history.append({"iter": it, **losses})
