@@ -468,11 +468,15 @@ class PCGPT(GPT):
             settle_steps = torch.full((batch,), int(settle_steps), dtype=torch.long, device=device)
         return settle_steps.to(device=device, dtype=torch.long).view(batch)
 
-    def settled_forward(self, idx, settle_steps=None, alpha=None, create_graph=False):
-        """Parallel path (training, evaluation): every position settles at once.
+    def settled_forward(self, idx, settle_steps=None, alpha=None, create_graph=False, settle_threshold=None):
+        """Parallel path (training, evaluation): every position settles at once (adaptively with
+        settle_threshold, bits: only where the unsettled entropy reaches it, as forward_cached).
         Returns (settled logits, unsettled logits, info) with per-position info (B, S)."""
         zs = self.feedforward(idx)
         steps = self._steps(settle_steps, idx.shape[0], idx.device)
+        if settle_threshold is not None:
+            unsure = entropy_bits(self.head(zs[-1])) >= torch.as_tensor(settle_threshold).view(-1, 1)
+            steps = torch.where(unsure, steps.view(-1, 1), 0)
         pasts, mask = self.parallel_context(zs)
         kappa = self.kappa()
         settled, info = self.settle(zs[0], zs[1:], pasts, mask, steps, alpha or self.config.alpha,
