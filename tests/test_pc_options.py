@@ -260,14 +260,20 @@ def test_local_learning_gradients_stay_in_their_layer(name):
     _, pc = option_models(OPTIONS[name])
     law, L, d = pc.config.error_law, pc.config.n_layer, pc.config.n_embd
     idx, targets = tokens(2, 8), tokens(2, 8, seed=2)
+    k_max, alpha = 3, 0.02
+    # the whole local-learning loss, as training computes it
+    total, _ = pc.loss(idx, targets, learning="local", k_max=k_max, alpha=alpha)
+    params = dict(pc.named_parameters())
+    grads = dict(zip(params, torch.autograd.grad(total, list(params.values()), allow_unused=True)))
+    # the states it settled to (deterministic: the same settling, with the targets clamped)
     with torch.no_grad():
         zs = pc.feedforward(idx)
         pasts, mask = pc.parallel_context(zs)
         scales = pc.state_scales(zs[0], zs[1:]) if pc.config.ln_precision else None
-        states = [zs[0]] + [z + 0.1 * torch.randn_like(z) for z in zs[1:]]  # as if settled: every error non-zero
-    total = pc.local_terms(states, pasts, mask, targets, scales)
-    params = dict(pc.named_parameters())
-    grads = dict(zip(params, torch.autograd.grad(total, list(params.values()), allow_unused=True)))
+        settled, info = pc.settle(zs[0], zs[1:], pasts, mask, torch.full((2,), k_max), alpha, targets=targets,
+                                  scales=scales)
+        assert torch.all(info["energy"] < info["energy0"])  # the clamped output moved the hidden states
+        states = [zs[0]] + settled
     s = None if scales is None else [scales[..., l, None] for l in range(L + 1)]
     kappa = pc.kappa()
     nu = pc.nu() if law == "student_t" else [None] * L
