@@ -30,9 +30,10 @@ MODELS = [CHAR, BPE]
 EXAMPLES_PER_OPERATION = int(os.environ.get("PCGPT_FUZZ_EXAMPLES", "350"))  # the operations without inputs stop early
 MIN_REQUESTS = 1000
 MAX_GENERATED_TOKENS = 6
-# fields that valid-by-schema bodies get refused for (settle_steps on a baseline model, logit_bias,
+# fields that valid-by-schema bodies get refused for (settle_steps on a baseline model, settle_threshold
+# without settle_steps "auto", logit_bias,
 # suffix, best_of != n, mirostat_* without sampler "error_driven", top_logprobs without logprobs)
-SEMANTIC_TRAPS = ("settle_steps", "logit_bias", "suffix", "best_of", "mirostat_tau", "mirostat_eta", "precision_gain",
+SEMANTIC_TRAPS = ("settle_steps", "settle_threshold", "logit_bias", "suffix", "best_of", "mirostat_tau", "mirostat_eta", "precision_gain",
                   "top_logprobs")
 SENT = {"requests": 0, "by_status": {}, "streams": {}}
 

@@ -453,6 +453,30 @@ def test_pc_settling_uncertainty(http):
     assert complete(http, prompt="x", settle_steps=0, max_tokens=2)["choices"][0]["text"]
 
 
+def test_pc_adaptive_settling_settles_only_where_the_unsettled_entropy_reaches_the_threshold(http, reference):
+    """settle_steps "auto": a token settles (the checkpoint's auto_settle_steps at most) only where
+    the entropy of its unsettled prediction, the baseline's here, is at least settle_threshold."""
+    tokenizer, ref_logprobs = reference
+    prompt, threshold = "ROMEO:\n", 1.5
+    r = post(http, "/v1/completions", {"model": "pc", "prompt": prompt, "max_tokens": 32, "temperature": 0,
+                                       "settle_steps": "auto", "settle_threshold": threshold, "uncertainty": True})
+    choice = r["choices"][0]
+    ids = tokenizer.encode(prompt + choice["text"])
+    lp = ref_logprobs(ids)
+    unsettled_entropy = -(lp.exp() * lp).sum(-1) / math.log(2)  # bits, per position
+    steps = [t["steps"] for t in choice["uncertainty"]]
+    n = len(tokenizer.encode(prompt))
+    expected = [bool(h >= threshold) for h in unsettled_entropy[n - 1:n - 1 + len(steps)]]
+    assert [s > 0 for s in steps] == expected
+    assert any(expected) and not all(expected)
+    assert all(s <= 4 for s in steps)  # the checkpoint's auto_settle_steps
+    for body, param in (({"settle_threshold": 1.0}, None), ({"settle_steps": "sometimes"}, "settle_steps")):
+        r = http.post("/v1/completions", json={"model": "pc", "prompt": "x", **body})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    r = http.post("/v1/completions", json={"model": "base", "prompt": "x", "settle_steps": "auto"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "settle_steps"
+
+
 def test_baseline_uncertainty(http):
     r = complete(http, prompt="LADY CAPULET:\n", max_tokens=30, temperature=1.0, seed=2, uncertainty=True, logprobs=1)
     choice = r["choices"][0]

@@ -22,11 +22,13 @@ def _check_context(model, length: int) -> None:
 
 @torch.no_grad()
 def prefill(model, prompt: torch.Tensor, kv_cache, slot: int, settle_steps: int | None = None,
-            all_logits: bool = False):
+            all_logits: bool = False, adaptive: dict | None = None):
     """Runs the prompt (S,) through the model into cache slot `slot`.
 
     Returns (logits, stats): logits (V,) of the last position, or (S, V) for every position
     when all_logits (echo with prompt logprobs); stats hold the last position's diagnostics.
+    adaptive: PC models' adaptive settling, {"settle_threshold": (1,), "early_stop": (1,)}
+    (PCGPT.forward_cached), or None.
     """
     idx = prompt.view(1, -1)
     S = idx.shape[1]
@@ -35,13 +37,13 @@ def prefill(model, prompt: torch.Tensor, kv_cache, slot: int, settle_steps: int 
     slots = torch.tensor([slot], device=idx.device)
     logits, stats = model.forward_cached(idx, kv_cache.attention(input_pos, S, slots),
                                          settle_steps=_as_row_tensor(settle_steps, 1, idx.device),
-                                         last_only=not all_logits)
+                                         last_only=not all_logits, **(adaptive or {}))
     return logits[0], {k: v[0] for k, v in stats.items()}
 
 
 @torch.no_grad()
 def prefill_batch(model, prompts: list[torch.Tensor], kv_cache, slots: torch.Tensor,
-                  settle_steps: torch.Tensor | None = None):
+                  settle_steps: torch.Tensor | None = None, adaptive: dict | None = None):
     """Several prompts (each (S_b,)) in one forward, right-padded to the longest, into cache rows
     `slots` (B,). Returns (logits (B, V) at each row's last prompt token, stats per row).
 
@@ -58,7 +60,7 @@ def prefill_batch(model, prompts: list[torch.Tensor], kv_cache, slots: torch.Ten
     input_pos = torch.arange(S, device=device).expand(len(prompts), S)
     slots = torch.as_tensor(slots, device=device)
     return model.forward_cached(idx, kv_cache.attention(input_pos, S, slots), settle_steps=settle_steps,
-                                last_only=True, lengths=lengths)
+                                last_only=True, lengths=lengths, **(adaptive or {}))
 
 
 # The attended window of a decode step is rounded up to a bucket: the step's shapes then change only
@@ -79,7 +81,7 @@ def kv_len_bucket(length: int, max_len: int) -> int:
 
 @torch.no_grad()
 def decode_step(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache, settle_steps=None,
-                kv_len: int | None = None, max_settle_steps: int | None = None):
+                kv_len: int | None = None, max_settle_steps: int | None = None, adaptive: dict | None = None):
     """One new token per row of a decode batch whose row b is cache slot b (B <= kv_cache.n_slots;
     rows of free slots are padding: whatever they compute is ignored, and a slot is rewritten by
     its next prefill). tokens and input_pos are (B,) on the model's device, every position below
@@ -87,10 +89,11 @@ def decode_step(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache, 
     int, from kv_len_bucket; None: the whole cache) is the attended window, so the step's shapes
     depend on (B, kv_len) only. settle_steps (B,) (PC models; None = the checkpoint's default) with
     max_settle_steps, the host's own max over the rows: 0 takes the unsettled path without a device
-    read. Returns (logits (B, V), stats)."""
+    read. adaptive (PC models): {"settle_threshold": (B,), "early_stop": (B,)}, adaptive settling
+    per row (PCGPT.forward_cached), or None. Returns (logits (B, V), stats)."""
     cache = kv_cache.attention(input_pos.view(-1, 1), kv_cache.max_len if kv_len is None else kv_len)
     return model.forward_cached(tokens.view(-1, 1), cache, settle_steps=settle_steps,
-                                max_settle_steps=max_settle_steps, last_only=True)
+                                max_settle_steps=max_settle_steps, last_only=True, **(adaptive or {}))
 
 
 def _as_row_tensor(value, rows: int, device):

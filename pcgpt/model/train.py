@@ -71,18 +71,24 @@ def build_model(cfg: TrainConfig, tokenizer, device):
         tokenizer = base_tok
         if cfg.model_type == "pc" and base.model_type == "gpt":
             from pcgpt.model.pc import PCGPT
-            model = PCGPT.from_baseline(base, default_settle_steps=cfg.pc_default_settle_steps)
+            model = PCGPT.from_baseline(base, **pc_options(cfg))
         else:
             model = base
     else:
         gpt_config = preset_config(cfg.preset, vocab_size=tokenizer.vocab_size, block_size=cfg.block_size)
         if cfg.model_type == "pc":
             from pcgpt.model.pc import PCConfig, PCGPT
-            model = PCGPT(PCConfig(**gpt_config.to_dict(), default_settle_steps=cfg.pc_default_settle_steps))
+            model = PCGPT(PCConfig(**gpt_config.to_dict(), **pc_options(cfg)))
         else:
             model = GPT(gpt_config)
     model.set_dropout(cfg.dropout) if hasattr(model, "set_dropout") else None
     return model.to(device), tokenizer
+
+
+def pc_options(cfg: TrainConfig) -> dict:
+    """The PCConfig fields a training run sets."""
+    return dict(default_settle_steps=cfg.pc_default_settle_steps, alpha=cfg.pc_serve_alpha, error_law=cfg.pc_error_law,
+                ln_precision=bool(cfg.pc_ln_precision), attention_precision=bool(cfg.pc_attention_precision))
 
 
 def trainable_parameters(model, cfg: TrainConfig):
@@ -162,7 +168,7 @@ def train(cfg: TrainConfig) -> dict:
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-    optimizer = make_optimizer(params, cfg, device, slow_params=[model.rho] if cfg.model_type == "pc" else [])
+    optimizer = make_optimizer(params, cfg, device, slow_params=list(model.slow_parameters()) if cfg.model_type == "pc" else [])
     amp_dtype = resolve_dtype(cfg.dtype, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if device.type == "cuda" and amp_dtype != torch.float32 else nullcontext()
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp_dtype == torch.float16)
@@ -196,8 +202,8 @@ def train(cfg: TrainConfig) -> dict:
     start_it, eval_seconds, estimate_said = it, [], False
     t_last = time.perf_counter()
     while True:
-        final = it >= cfg.max_iters
-        if it in eval_its:
+        final = it >= cfg.max_iters or 0 < cfg.max_seconds <= elapsed
+        if it in eval_its or final and it != resumed_at:  # --max-seconds ends with an evaluation too
             t_eval = time.perf_counter()
             # evaluations can take as long as many steps: their own bar, so progress shows from the start
             with tqdm(total=2 * cfg.eval_iters, desc=f"evaluate at step {it}", unit="batch", file=sys.stderr,

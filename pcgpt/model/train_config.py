@@ -31,6 +31,8 @@ class TrainConfig:
     tokenizer: str = opt("char", "char (the training text's characters) or gpt2 (BPE)", choices=("char", "gpt2"))
     dropout: float = opt(0.0, "dropout while training", minimum=0.0)
     max_iters: int = opt(2000, "optimizer steps", minimum=0)
+    max_seconds: float = opt(0.0, "also stop (after a final evaluation) once training has run this long; 0 = off",
+                             minimum=0.0)
     batch_size: int = opt(16, "sequences per micro-batch", minimum=1)
     block_size: int = opt(256, "sequence length while training", minimum=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", minimum=1)
@@ -61,6 +63,12 @@ class TrainConfig:
     pc_alpha: float = opt(0.25, "PC: settling step size while training", minimum=0.0)
     pc_default_settle_steps: int = opt(1, "PC: settle steps stored in the checkpoint as the serving default",
                                        minimum=0)
+    pc_serve_alpha: float = opt(0.1, "PC: settling step size stored in the checkpoint (serving, evaluation)",
+                                minimum=0.0)
+    pc_error_law: str = opt("gaussian", "PC: law of the prediction errors (student_t learns its degrees of freedom "
+                                        "per layer)", choices=("gaussian", "laplace", "student_t"))
+    pc_ln_precision: bool = opt(False, "PC: measure errors in LayerNorm units (1/sigma of each state as its precision)")
+    pc_attention_precision: bool = opt(False, "PC: weight attention's heads by learned per-head precisions")
     pc_rho_lr_scale: float = opt(0.1, "PC: the precisions' learning rate relative to the rest (at full speed "
                                       "they run away)", minimum=0.0)
     command: str = field(default="", repr=False)  # the command line that started this run, recorded in the checkpoint

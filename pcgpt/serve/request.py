@@ -16,6 +16,8 @@ class Request:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     settle_steps: int | None = None  # PC models: steps per token; None = the checkpoint's default
+    settle_auto: bool = False  # PC models: adaptive settling (settle only where the entropy reaches a threshold)
+    settle_threshold: float | None = None  # adaptive: that threshold in bits; None = the checkpoint's
     stop: list[str] = field(default_factory=list)  # stop strings; the text ends before the first match
     stop_at_eos: bool = True
     logprobs: int | None = None  # top alternatives per token (0 = just the chosen token); None = off

@@ -80,6 +80,11 @@ class ModelRunner:
         self.requests: list[Request | None] = [None] * n
         self.generators: list = [None] * n
         self.settle_host = [0] * n
+        # adaptive settling ("auto"): per slot the entropy threshold (bits) and the early-stop
+        # fraction; 0 for the others, which then settle as asked (an entropy is never below 0)
+        self.settle_threshold = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.settle_early_stop = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.auto_host = [False] * n
         self._plans: dict = {}  # what a step over given rows samples and sends back; reset on admission/release
         self._admission = None  # the last admission's packed rows on the device, and each slot's row there
         self._prompts: dict[int, torch.Tensor] = {}  # slot -> its prompt (a view of the admission's copy)
@@ -93,7 +98,31 @@ class ModelRunner:
     # --- admission and release -------------------------------------------------------------------
 
     def settle_of(self, r: Request) -> int:
+        if r.settle_auto and self.is_pc:
+            return self.model.config.auto_settle_steps
         return self.default_settle if r.settle_steps is None else r.settle_steps
+
+    def admit_adaptive(self, seqs: list) -> None:
+        """The adaptive-settling rows of newly admitted sequences (one copy, only when any asks)."""
+        auto = [s for s in seqs if s.request.settle_auto and self.is_pc]
+        if not auto:
+            return
+        config = self.model.config
+        values = [[s.slot, config.auto_threshold if s.request.settle_threshold is None else s.request.settle_threshold,
+                   config.auto_early_stop] for s in auto]
+        rows = torch.tensor(values, dtype=torch.float64).to(self.device)
+        slots = rows[:, 0].long()
+        self.settle_threshold.index_copy_(0, slots, rows[:, 1].float())
+        self.settle_early_stop.index_copy_(0, slots, rows[:, 2].float())
+        for s in auto:
+            self.auto_host[s.slot] = True
+
+    def adaptive(self, slots, rows):
+        """decode_step's `adaptive` for the batch rows `rows` (slots `slots` on the host): None
+        unless one of them settles adaptively."""
+        if not any(self.auto_host[s] for s in slots):
+            return None
+        return {"settle_threshold": self.settle_threshold[rows], "early_stop": self.settle_early_stop[rows]}
 
     def admit(self, seqs: list) -> None:
         """Writes the slots of newly admitted sequences: one packed copy to the device (float64:
@@ -126,6 +155,7 @@ class ModelRunner:
             self.output_counts[s.slot].zero_()
             self._prompts[s.slot] = prompt
         self._admission = (slots, settle, {s.slot: i for i, s in enumerate(seqs)})
+        self.admit_adaptive(seqs)
         self._plans.clear()
 
     def release(self, slot: int) -> None:
@@ -134,6 +164,10 @@ class ModelRunner:
         self._prompts.pop(slot, None)
         for t in (self.active, self.positions, self.settle, self.last_tokens):
             t[slot].zero_()
+        if self.auto_host[slot]:
+            self.auto_host[slot] = False
+            self.settle_threshold[slot].zero_()
+            self.settle_early_stop[slot].zero_()
         self._plans.clear()
 
     # --- forwards --------------------------------------------------------------------------------
@@ -145,24 +179,28 @@ class ModelRunner:
         assert [row_of[s.slot] for s in seqs] == list(range(first, first + len(seqs))), "not a run of the admission"
         rows = slots[first:first + len(seqs)]
         logits, stats = prefill_batch(self.model, [self._prompts[s.slot] for s in seqs], self.cache, rows,
-                                      settle[first:first + len(seqs)] if self.is_pc else None)
+                                      settle[first:first + len(seqs)] if self.is_pc else None,
+                                      adaptive=self.adaptive([s.slot for s in seqs], rows))
         return self.sample(logits, rows, [s.slot for s in seqs], stats)
 
     def prefill_one(self, seq, all_logits: bool = False):
         """One prompt into its slot: (logits (V,), or (S, V) with all_logits; stats)."""
         return prefill(self.model, self._prompts[seq.slot], self.cache, seq.slot,
-                       self.settle_host[seq.slot] if self.is_pc else None, all_logits=all_logits)
+                       self.settle_host[seq.slot] if self.is_pc else None, all_logits=all_logits,
+                       adaptive=self.adaptive([seq.slot], slice(seq.slot, seq.slot + 1)))
 
     def decode(self, n_rows: int, kv_len: int) -> StepResult:
         """One decode step over slots [0, n_rows): the running rows' next tokens."""
         rows = slice(0, n_rows)
         max_settle = self._plan(rows, range(n_rows))["max_settle"]
-        if self.graphs is not None and not max_settle:  # settling is data-dependent: eager
+        adaptive = self.adaptive(range(n_rows), rows)
+        if self.graphs is not None and not max_settle and adaptive is None:  # settling is data-dependent: eager
             logits, stats = self.graphs.replay(n_rows)
         else:
             logits, stats = decode_step(self.model, self.last_tokens[rows], self.positions[rows], self.cache,
                                         self.settle[rows] if self.is_pc else None, kv_len=kv_len,
-                                        max_settle_steps=max_settle)
+                                        max_settle_steps=max_settle,
+                                        adaptive=adaptive)
         result = self.sample(logits, rows, range(n_rows), stats)
         self.positions[rows].add_(self.active[rows])
         return result
@@ -178,7 +216,8 @@ class ModelRunner:
         pos = torch.where(alone, self.positions[:n], (self.positions[:n] + self.active[:n]).clamp(max=self.max_len - 1))
         settle = torch.where(alone, self.settle[:n], 0) if self.is_pc else None
         logits, stats = decode_step(self.model, tokens, pos, self.cache, settle, kv_len=self.max_len,
-                                    max_settle_steps=self.settle_host[slot] if self.is_pc else None)
+                                    max_settle_steps=self.settle_host[slot] if self.is_pc else None,
+                                    adaptive=self.adaptive([slot], slice(0, n)))
         rows = slice(slot, n)
         result = self.sample(logits[rows], rows, [slot], {k: v[rows] for k, v in stats.items()})
         self.positions[rows].add_(1)

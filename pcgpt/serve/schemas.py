@@ -4,9 +4,9 @@ OpenAI's fields keep OpenAI's names, defaults and ranges; pcgpt's extensions are
 Unknown fields are refused (400), as OpenAI does, so a typo never silently falls back to a default.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 16
 MAX_N = 16
@@ -38,7 +38,13 @@ class SamplingFields(BaseModel):
     min_p: float | None = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="keep tokens with p >= min_p * p_max")
     repetition_penalty: float | None = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False,
                                              description="divide (multiply) positive (negative) logits of seen tokens")
-    settle_steps: int | None = Field(None, ge=0, le=16, description="PC models: settling steps per token; default the checkpoint's")
+    settle_steps: Annotated[int, Field(ge=0, le=16)] | Literal["auto"] | None = Field(
+        None, description="PC models: settling steps per token; default the checkpoint's. \"auto\": settle (the "
+                          "checkpoint's auto_settle_steps, stopping once the energy stops falling) only the tokens "
+                          "whose unsettled entropy is at least settle_threshold")
+    settle_threshold: float | None = Field(None, ge=0.0, le=64.0, allow_inf_nan=False,
+                                           description="with settle_steps \"auto\": the entropy in bits at or above "
+                                                       "which a token settles (default: the checkpoint's auto_threshold)")
     sampler: Literal["standard", "error_driven"] = "standard"
     mirostat_tau: float | None = Field(None, gt=0.0, le=64.0, allow_inf_nan=False,
                                        description="error-driven sampler: target surprise in bits (default: the checkpoint's)")
@@ -51,6 +57,12 @@ class SamplingFields(BaseModel):
     truncate_prompt_tokens: int | None = Field(None, ge=1, le=1_000_000,
                                                description="keep only the last N prompt tokens (and fewer if the context needs)")
     ignore_eos: bool = False
+
+    @model_validator(mode="after")
+    def _threshold_needs_auto(self):
+        if self.settle_threshold is not None and self.settle_steps != "auto":
+            raise ValueError("settle_threshold applies only with settle_steps \"auto\"")
+        return self
 
     @field_validator("stop")
     @classmethod

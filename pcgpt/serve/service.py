@@ -106,7 +106,7 @@ class Job:
                 except ValueError as e:
                     sampling_error = str(e)
                 self.requests.append(Request(
-                    prompt_ids=ids, max_tokens=max_tokens, sampling=params, settle_steps=body.settle_steps,
+                    prompt_ids=ids, max_tokens=max_tokens, sampling=params, **_settling(body),
                     stop=stop, stop_at_eos=not body.ignore_eos, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
                     uncertainty=body.uncertainty, error_driven=_error_driven(body, engine), index=i * self.n + j))
         if sampling_error:
@@ -362,8 +362,15 @@ def _fit(engine, ids: list[int], max_tokens: int, truncate: int | None, param: s
     return ids
 
 
+def _settling(body) -> dict:
+    """The Request fields of a body's settle_steps: a count, or "auto" (adaptive settling)."""
+    if body.settle_steps == "auto":
+        return {"settle_steps": None, "settle_auto": True, "settle_threshold": body.settle_threshold}
+    return {"settle_steps": body.settle_steps}
+
+
 def _check_common(body, engine):
-    if body.settle_steps is not None and body.settle_steps > 0 and engine.model_type != "pc":
+    if body.settle_steps not in (None, 0) and engine.model_type != "pc":
         raise APIError(400, f"model {engine.name!r} is a baseline GPT and does not settle; "
                             "settle_steps applies to PC models (omit it or send 0)", param="settle_steps")
     if body.logit_bias:
