@@ -11,6 +11,29 @@ DEFAULT_MODELS = {
 }
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one client connection may hold or wait for (pcgpt/serve/limits.py applies them)."""
+    max_header_bytes: int = 64 * 1024  # request line + header fields of one request
+    max_headers: int = 100  # header fields of one request
+    header_timeout: float = 10.0  # seconds to send a request's head
+    body_timeout: float = 30.0  # seconds to send a request's body, once its head is in
+    max_connections: int = 512  # connections open at once
+    keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open (uvicorn's)
+
+    def check(self) -> None:
+        """ValueError naming the flag of the first limit out of range."""
+        for flag, value, least in (("--max-header-bytes", self.max_header_bytes, 1024),
+                                   ("--max-headers", self.max_headers, 1),
+                                   ("--max-connections", self.max_connections, 1),
+                                   ("--keep-alive-timeout", self.keep_alive_timeout, 1)):
+            if value < least:
+                raise ValueError(f"{flag} must be at least {least}, got {value}")
+        for flag, value in (("--header-timeout", self.header_timeout), ("--body-timeout", self.body_timeout)):
+            if not value > 0:
+                raise ValueError(f"{flag} must be more than 0 seconds, got {value}")
+
+
 @dataclass
 class ServerConfig:
     models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MODELS))  # served name -> checkpoint path
@@ -28,3 +51,5 @@ class ServerConfig:
     threads: int = 0  # torch CPU threads of each engine process (0 = PyTorch's default)
     stream_interval: int = 1  # tokens per stream chunk while a request runs (the first goes at once); >1: less HTTP work per token
     log_level: str = "info"  # the server's and its engine processes' logging
+    connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    metrics_max_age: float = 1.0  # seconds a /metrics snapshot is served again while no request starts or ends
