@@ -70,6 +70,9 @@ def parse_models(specs) -> dict:
 
 
 def cmd_serve(args) -> int:
+    if args.api_key is not None and not args.api_key.strip():
+        # an empty key used to switch authentication off without a word
+        raise ValueError("--api-key (or PCGPT_API_KEY) is empty; give a key, or unset it to serve without one")
     import uvicorn
     from pcgpt.model.checkpoint import read_checkpoint_info
     from pcgpt.serve.config import ConnectionLimits, ServerConfig
@@ -78,9 +81,6 @@ def cmd_serve(args) -> int:
     from pcgpt.serve.server import create_app, start_engines
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.api_key is not None and not args.api_key.strip():
-        # an empty key used to switch authentication off without a word
-        raise ValueError("--api-key (or PCGPT_API_KEY) is empty; give a key, or unset it to serve without one")
     limits = ConnectionLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
                               header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                               max_connections=args.max_connections, keep_alive_timeout=args.keep_alive_timeout)

@@ -62,6 +62,7 @@ class Metrics:
         self.energy = Histogram("pcgpt_token_energy", "PC energy per unit after settling, per generated token", m, buckets=ENERGY_BUCKETS, registry=r)
         self.decode_steps = Counter("pcgpt_decode_steps", "Batched decode steps run", m, registry=r)
         self.model_info = Info("pcgpt_model", "The loaded models", m, registry=r)
+        self.snapshots = Counter("pcgpt_metrics_snapshots", "Collections of these series from the engines (pcgpt/serve/scrape.py)", registry=r)
         self.errors.labels(model="none", type="invalid_request_error")  # requests for no loaded model
         self.engine_pids: list[int] = []  # engine processes, whose memory the process series add
 

@@ -134,6 +134,7 @@ def create_app(config: ServerConfig, engines: dict) -> FastAPI:
     metrics = Metrics()
 
     async def render_metrics() -> bytes:
+        metrics.snapshots.inc()
         return metrics.render([await e.collect() for e in app.state.engines.values()])
 
     scrapes = ScrapeCache(render_metrics, config.metrics_max_age)
