@@ -77,7 +77,7 @@ def cmd_serve(args) -> int:
     from pcgpt.model.checkpoint import read_checkpoint_info
     from pcgpt.serve.config import ConnectionLimits, ServerConfig
     from pcgpt.serve.engine_process import EngineStartError
-    from pcgpt.serve.limits import uvicorn_options
+    from pcgpt.serve.limits import raise_file_limit, uvicorn_options
     from pcgpt.serve.server import create_app, start_engines
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -110,6 +110,8 @@ def cmd_serve(args) -> int:
     # uvicorn re-raises the SIGTERM it drained on after restoring this handler: with the default
     # handler the process would then die of the signal (exit -15) instead of exiting 0
     signal.signal(signal.SIGTERM, lambda *_: None)
+    if warning := raise_file_limit(limits.max_connections):
+        logging.getLogger("pcgpt").warning(warning)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=int(config.drain_seconds) or None, **uvicorn_options(limits))
     return 0

@@ -13,6 +13,7 @@ import concurrent.futures
 import json
 import socket
 import subprocess
+import sys
 
 import httpx
 import pytest
@@ -190,3 +191,18 @@ def test_an_empty_api_key_is_refused_at_start():
         assert proc.returncode == 2, (how, stderr)
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and "--api-key" in lines[0] and "empty" in lines[0], (how, stderr)
+
+
+def test_the_file_limit_makes_room_for_the_connection_cap():
+    # past the soft limit on open files a connection fails at accept, unanswered: the cap must act first
+    script = ("import resource; from pcgpt.serve.limits import FILES_BESIDES_CONNECTIONS, raise_file_limit; "
+              "assert raise_file_limit(1024) is None; "
+              "assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 1024 + FILES_BESIDES_CONNECTIONS")
+
+    def low_soft_limit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    done = subprocess.run([sys.executable, "-c", script], preexec_fn=low_soft_limit, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -18,7 +18,7 @@ class ConnectionLimits:
     max_headers: int = 100  # header fields of one request
     header_timeout: float = 10.0  # seconds to send a request's head
     body_timeout: float = 30.0  # seconds to send a request's body, once its head is in
-    max_connections: int = 512  # connections open at once
+    max_connections: int = 1024  # connections open at once
     keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open (uvicorn's)
 
     def check(self) -> None:

@@ -12,17 +12,39 @@ uvicorn's HttpToolsProtocol that adds, per connection:
 - a deadline for a request's head, from the connection's opening or the request's first byte,
   and one for its body, from the end of its head: 408 and the connection closed;
 - a cap on open connections: one beyond it is answered 503 and closed at once, so a crowd of
-  stalled connections holds no more file descriptors than the cap.
+  stalled connections holds no more file descriptors than the cap (raise_file_limit makes room
+  for the cap under the process's limit on open files).
 """
 
 from __future__ import annotations
 
 import http
 import json
+import resource
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from pcgpt.serve.config import ConnectionLimits
+
+
+FILES_BESIDES_CONNECTIONS = 256  # engine pipes, checkpoint files, the listening socket, logs
+
+
+def raise_file_limit(max_connections: int) -> str | None:
+    """Raises this process's soft limit on open files (never above the hard limit, never down) so
+    that --max-connections, not the file limit, decides when a connection is refused: past the
+    file limit a new connection fails at accept, unanswered. Returns a warning when the hard limit
+    is too low for the cap."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + FILES_BESIDES_CONNECTIONS
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return None
+    if hard != resource.RLIM_INFINITY and hard < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return (f"--max-connections {max_connections} needs about {want} open files; the hard limit is {hard} "
+                f"(raise it, e.g. ulimit -Hn, or lower --max-connections)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return None
 
 
 def uvicorn_options(limits: ConnectionLimits) -> dict:
