@@ -9,8 +9,8 @@
 
   header-flood   4 connections for N seconds: 2 stream one header value without end, 2 send
                  small header fields without end. Reported: the HTTP process's RSS (start, peak),
-                 /health latency (median, max, failures) probed every 0.1 s, bytes each attacker
-                 got to send before the server closed its connection.
+                 /health latency (median, max, failures) probed every 0.1 s, and how and when
+                 each attacker's connection ended (the server's answer, or none).
   slowloris      N connections each send part of a request head, then one more header field
                  every 2 s (never finishing the head) for 15 s. Reported: attacker connections the
                  server still holds after 5 s and at the end, /health latency, RSS.
@@ -69,29 +69,35 @@ async def probe(server: Server, seconds: float) -> dict:
             "rss_mb_start": round(rss[0], 1), "rss_mb_peak": round(max(rss), 1)}
 
 
-async def _send_until_closed(server: Server, head: bytes, piece: bytes, seconds: float) -> int:
+async def _send_until_answered(server: Server, head: bytes, piece: bytes, seconds: float) -> str:
+    """Sends `head`, then `piece` after `piece`, until the server answers or closes (or `seconds`
+    pass); says how the connection ended and when."""
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    sent = 0
-    deadline = time.monotonic() + seconds
+    start = time.monotonic()
+    answer = asyncio.create_task(reader.read(65536))
     try:
         writer.write(head)
-        while time.monotonic() < deadline and not reader.at_eof():
+        while time.monotonic() - start < seconds and not answer.done():
             writer.write(piece)
             await writer.drain()
-            sent += len(piece)
+        first = await asyncio.wait_for(answer, 1.0)
+        how = first.split(b"\r\n", 1)[0].decode() if first else "closed"
+    except asyncio.TimeoutError:
+        how = "no answer"
     except (ConnectionError, OSError):
-        pass
+        how = "reset"
     finally:
+        answer.cancel()
         writer.close()
-    return sent
+    return f"{how} after {time.monotonic() - start:.2f} s"
 
 
 async def header_flood(server: Server, seconds: float) -> dict:
     head = b"GET /health HTTP/1.1\r\nHost: x\r\n"
-    attackers = [_send_until_closed(server, head + b"X-Long: ", b"a" * 65536, seconds) for _ in range(2)]
-    attackers += [_send_until_closed(server, head, b"X: 1\r\n" * 8192, seconds) for _ in range(2)]
-    *sent, figures = await asyncio.gather(*attackers, probe(server, seconds))
-    return {**figures, "attacker_bytes_sent": sent}
+    attackers = [_send_until_answered(server, head + b"X-Long: ", b"a" * 65536, seconds) for _ in range(2)]
+    attackers += [_send_until_answered(server, head, b"X: 1\r\n" * 8192, seconds) for _ in range(2)]
+    *ends, figures = await asyncio.gather(*attackers, probe(server, seconds))
+    return {**figures, "attackers": ends}
 
 
 async def slowloris(server: Server, connections: int, seconds: float = 15.0) -> dict:

@@ -27,6 +27,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from pcgpt.serve.config import ConnectionLimits
 
 
+LINGER_S = 1.0  # after a refusal, how long what the client still sends is read and dropped
 FILES_BESIDES_CONNECTIONS = 256  # engine pipes, checkpoint files, the listening socket, logs
 
 
@@ -76,6 +77,7 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # bytes of the head's completed parts
         self._refusal: tuple[int, str] | None = None  # the answer to send instead of uvicorn's 400
         self._deadline = None  # TimerHandle of the head's or the body's deadline
+        self._lingering = None  # TimerHandle of the close after a refusal
 
     # --- connections ------------------------------------------------------------------------
 
@@ -88,12 +90,14 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        if self._lingering is not None:
+            self._lingering.cancel()
         super().connection_lost(exc)
 
     # --- bytes in ------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.transport.is_closing():  # refused: whatever else the client sends is dropped
+        if self._lingering is not None or self.transport.is_closing():  # refused: the rest is dropped
             return
         if self._reading_head:
             self._head_bytes_received += len(data)
@@ -101,7 +105,7 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
         # a field still incomplete (a header value streamed without end) is buffered by the parser:
         # counted here, from the bytes received, as the parser reports only finished fields
         if self._reading_head and self._head_bytes_received > self.limits.max_header_bytes \
-                and not self.transport.is_closing():
+                and self._lingering is None and not self.transport.is_closing():
             self._refuse(431, f"request headers are larger than {self.limits.max_header_bytes} bytes")
 
     # parser callbacks
@@ -161,7 +165,7 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _timed_out(self, part: str, seconds: float) -> None:
         self._deadline = None
-        if self.transport.is_closing():
+        if self._lingering is not None or self.transport.is_closing():
             return
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
@@ -188,4 +192,11 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
             head.append(name + b": " + value + b"\r\n")
         head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        # a client still sending would get a reset for the bytes left unread, and lose this answer
+        # with it: end our side, read and drop what comes for a moment, then close (nginx's
+        # lingering close)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self._lingering = self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
