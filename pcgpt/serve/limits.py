@@ -176,6 +176,9 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
             if cycle.response_started:
                 self.transport.close()
                 return
+        elif cycle is not None and part == "body":  # answered already (a 413 before the body was read)
+            self.transport.close()
+            return
         self._refuse(408, f"the request's {'headers' if part == 'head' else 'body'} did not arrive within {seconds:g} s")
 
     # --- answers -------------------------------------------------------------------------------
