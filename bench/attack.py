@@ -14,8 +14,9 @@
   slowloris      N connections each send part of a request head, then one more header field
                  every 2 s (never finishing the head) for 15 s. Reported: attacker connections the
                  server still holds after 5 s and at the end, /health latency, RSS.
-  metrics-flood  N concurrent /metrics scrapers for 15 s while 32-token completions run one after
-                 another; the completions' median latency without the flood is measured first.
+  metrics-flood  N concurrent /metrics scrapers, 84 scrapes/s together, for 15 s while greedy
+                 32-token completions run one after another; the completions' median latency
+                 without the flood is measured first.
 
 The server runs the shipped baseline with its default limits (or the flags after --). The results
 go to bench/results/attack.json.
@@ -136,7 +137,7 @@ async def slowloris(server: Server, connections: int, seconds: float = 15.0) -> 
             "held_at_end": connections - len(closed_at)}
 
 
-async def metrics_flood(server: Server, scrapers: int, seconds: float = 15.0) -> dict:
+async def metrics_flood(server: Server, scrapers: int, rate: float = 84.0, seconds: float = 15.0) -> dict:
     body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 32, "temperature": 0, "ignore_eos": True}
 
     async def completions(c, until):
@@ -148,19 +149,28 @@ async def metrics_flood(server: Server, scrapers: int, seconds: float = 15.0) ->
             times.append((time.perf_counter() - t) * 1000)
         return times
 
-    async def scrape(c, until):
-        n = 0
-        while time.monotonic() < until:
-            n += (await c.get(server.url + "/metrics")).status_code == 200
+    async def scrape(c, until, offset):
+        # each scraper at rate / scrapers per second: together `rate` a second, as a crowd of
+        # Prometheus servers would, not as fast as the client can go
+        every = scrapers / rate
+        n, next_at = 0, time.monotonic() + offset * every / scrapers
+        while next_at < until:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            try:
+                n += (await c.get(server.url + "/metrics")).status_code == 200
+            except httpx.HTTPError:  # counted as not answered
+                pass
+            next_at += every
         return n
 
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=scrapers + 1)) as c:
         quiet = await completions(c, time.monotonic() + seconds / 3)
         until = time.monotonic() + seconds
-        busy, *scrapes = await asyncio.gather(completions(c, until), *(scrape(c, until) for _ in range(scrapers)))
+        busy, *scrapes = await asyncio.gather(completions(c, until), *(scrape(c, until, i) for i in range(scrapers)))
     return {"completion_ms_median_quiet": round(statistics.median(quiet), 1),
             "completion_ms_median_flood": round(statistics.median(busy), 1),
-            "scrapes_per_s": round(sum(scrapes) / seconds, 1)}
+            "scrapes_per_s": round(sum(scrapes) / seconds, 1),
+            "scrapes_unanswered": round(seconds * rate) - sum(scrapes)}
 
 
 def main(argv=None) -> int:
