@@ -73,8 +73,7 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._reading_head = True  # between one request's end (or the connection's start) and the next head's end
-        self._head_bytes_received = 0  # bytes received while reading the head: a partial field counts too
-        self._head_bytes = 0  # bytes of the head's completed parts
+        self._head_bytes_received = 0  # bytes received while reading the head (with any body bytes in the same read)
         self._refusal: tuple[int, str] | None = None  # the answer to send instead of uvicorn's 400
         self._deadline = None  # TimerHandle of the head's or the body's deadline
         self._lingering = None  # TimerHandle of the close after a refusal
@@ -113,37 +112,33 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._reading_head = True
-        self._head_bytes = 0
         if self._deadline is None:  # a new connection's deadline runs from its opening
             self._arm("head", self.limits.header_timeout)
 
-    def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
-        if len(self.headers) >= self.limits.max_headers:
-            self._refusal = (431, f"a request may have at most {self.limits.max_headers} header fields")
-            raise _HeadTooLarge
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
+        # checked once per request, not per field: the bytes received bound what a head can hold
+        # (data_received refuses an unfinished one), so only a head that arrived whole with more
+        # than the limit in one read is measured exactly here
+        if self._head_bytes_received > self.limits.max_header_bytes or len(self.headers) > self.limits.max_headers:
+            self._check_head()
         self._reading_head = False
         self._arm("body", self.limits.body_timeout)
         super().on_headers_complete()
+
+    def _check_head(self) -> None:
+        if len(self.headers) > self.limits.max_headers:
+            self._refusal = (431, f"a request may have at most {self.limits.max_headers} header fields")
+            raise _HeadTooLarge
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)  # ": " and CRLF
+        if size > self.limits.max_header_bytes:
+            self._refusal = (431, f"request headers are larger than {self.limits.max_header_bytes} bytes")
+            raise _HeadTooLarge
 
     def on_message_complete(self) -> None:
         self._disarm()
         self._reading_head = True
         self._head_bytes_received = 0
         super().on_message_complete()
-
-    def _count_head(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > self.limits.max_header_bytes:
-            self._refusal = (431, f"request headers are larger than {self.limits.max_header_bytes} bytes")
-            raise _HeadTooLarge
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers a parser error with 400; a callback above stopped the parser on purpose
