@@ -13,6 +13,7 @@ from pcgpt import cli_args
 def register(sub, model_args, env):
     from pcgpt.serve.config import ServerConfig
     d = ServerConfig()
+    lim = d.connection_limits
     s = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API",
                        description="Every flag can also come from an environment variable PCGPT_<FLAG> "
                                    "(e.g. PCGPT_PORT, PCGPT_API_KEY, PCGPT_MODEL='a=/path,b=/path').")
@@ -59,6 +60,23 @@ def register(sub, model_args, env):
                         "answers 503 (0: never restart; default %(default)s)")
     s.add_argument("--engine-restart-backoff", type=float, default=float(env("engine_restart_backoff", d.engine_restart_backoff_s)),
                    help="seconds before the first restart, doubling per restart in a row up to 60 (default %(default)s)")
+    c = s.add_argument_group("connection limits", "what one client connection may hold or wait for "
+                                                   "(RELIABILITY.md)")
+    c.add_argument("--max-header-bytes", type=int, default=int(env("max_header_bytes", lim.max_header_bytes)),
+                   help="bytes of a request's line and header fields; more gets 431 (default: %(default)s)")
+    c.add_argument("--max-headers", type=int, default=int(env("max_headers", lim.max_headers)),
+                   help="header fields of a request; more gets 431 (default: %(default)s)")
+    c.add_argument("--header-timeout", type=float, default=float(env("header_timeout", lim.header_timeout)),
+                   help="seconds a client has to send a request's headers; then 408 (default: %(default)s)")
+    c.add_argument("--body-timeout", type=float, default=float(env("body_timeout", lim.body_timeout)),
+                   help="seconds a client has to send a request's body; then 408 (default: %(default)s)")
+    c.add_argument("--max-connections", type=int, default=int(env("max_connections", lim.max_connections)),
+                   help="connections open at once; one more gets 503 (default: %(default)s)")
+    c.add_argument("--keep-alive-timeout", type=int, default=int(env("keep_alive_timeout", lim.keep_alive_timeout)),
+                   help="seconds an idle keep-alive connection stays open (default: %(default)s)")
+    s.add_argument("--metrics-max-age", type=float, default=float(env("metrics_max_age", d.metrics_max_age)),
+                   help="seconds a /metrics snapshot is served again while no request starts or ends "
+                        "(0: collect at every scrape; default: %(default)s)")
     s.set_defaults(func=cmd_serve)
 
 
@@ -78,19 +96,28 @@ def parse_models(specs) -> dict:
 
 
 def cmd_serve(args) -> int:
+    if args.api_key is not None and not args.api_key.strip():
+        # an empty key used to switch authentication off without a word
+        raise ValueError("--api-key (or PCGPT_API_KEY) is empty; give a key, or unset it to serve without one")
     import uvicorn
     from pcgpt.model.checkpoint import read_checkpoint_info
-    from pcgpt.serve.config import ServerConfig
+    from pcgpt.serve.config import ConnectionLimits, ServerConfig
     from pcgpt.serve.engine_process import EngineStartError
-    from pcgpt.serve.server import create_app, start_engines
-
+    from pcgpt.serve.limits import raise_file_limit, uvicorn_options
     from pcgpt.serve.replica import DrainingServer, default_replica_id
     from pcgpt.serve.request_id import LogContext
+    from pcgpt.serve.server import create_app, start_engines
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [%(replica)s %(request_id)s]: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(LogContext(args.replica_id or default_replica_id(args.port)))
+    limits = ConnectionLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
+                              header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                              max_connections=args.max_connections, keep_alive_timeout=args.keep_alive_timeout)
+    limits.check()
+    if args.metrics_max_age < 0:
+        raise ValueError(f"--metrics-max-age must be at least 0 seconds, got {args.metrics_max_age}")
     config = ServerConfig(models=parse_models(args.model), host=args.host, port=args.port, device=args.device,
                           dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                           api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
@@ -99,7 +126,8 @@ def cmd_serve(args) -> int:
                           log_level=args.log_level.lower(), cuda_graphs=args.cuda_graphs,
                           replica_id=args.replica_id, engine_watchdog_s=args.engine_watchdog_seconds,
                           max_engine_restarts=args.max_engine_restarts,
-                          engine_restart_backoff_s=args.engine_restart_backoff)
+                          engine_restart_backoff_s=args.engine_restart_backoff,
+                          connection_limits=limits, metrics_max_age=args.metrics_max_age)
     if config.max_batch_size < 1 or config.max_queue < 0 or config.stream_interval < 1:
         raise ValueError("--max-batch-size and --stream-interval must be at least 1 and --max-queue at least 0")
     if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
@@ -124,9 +152,12 @@ def cmd_serve(args) -> int:
     # uvicorn re-raises the SIGTERM it drained on after restoring this handler: with the default
     # handler the process would then die of the signal (exit -15) instead of exiting 0
     signal.signal(signal.SIGTERM, lambda *_: None)
+    if warning := raise_file_limit(limits.max_connections):
+        logging.getLogger("pcgpt").warning(warning)
     # log_config=None: uvicorn's own lines, access lines included, go through the handler above,
     # with the replica and the request id
     uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level.lower(),
-                                    log_config=None, timeout_graceful_shutdown=int(config.drain_seconds) or None)
+                                    log_config=None, timeout_graceful_shutdown=int(config.drain_seconds) or None,
+                                    **uvicorn_options(limits))
     DrainingServer(uvicorn_config, app, config.drain_seconds).run()
     return 0

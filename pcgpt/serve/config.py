@@ -11,6 +11,29 @@ DEFAULT_MODELS = {
 }
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one client connection may hold or wait for (pcgpt/serve/limits.py applies them)."""
+    max_header_bytes: int = 64 * 1024  # request line + header fields of one request
+    max_headers: int = 100  # header fields of one request
+    header_timeout: float = 10.0  # seconds to send a request's head
+    body_timeout: float = 30.0  # seconds to send a request's body, once its head is in
+    max_connections: int = 1024  # connections open at once
+    keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open (uvicorn's)
+
+    def check(self) -> None:
+        """ValueError naming the flag of the first limit out of range."""
+        for flag, value, least in (("--max-header-bytes", self.max_header_bytes, 1024),
+                                   ("--max-headers", self.max_headers, 1),
+                                   ("--max-connections", self.max_connections, 1),
+                                   ("--keep-alive-timeout", self.keep_alive_timeout, 1)):
+            if value < least:
+                raise ValueError(f"{flag} must be at least {least}, got {value}")
+        for flag, value in (("--header-timeout", self.header_timeout), ("--body-timeout", self.body_timeout)):
+            if not value > 0:
+                raise ValueError(f"{flag} must be more than 0 seconds, got {value}")
+
+
 @dataclass
 class ServerConfig:
     models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MODELS))  # served name -> checkpoint path
@@ -33,3 +56,5 @@ class ServerConfig:
     engine_watchdog_s: float = 30.0  # an engine with work and no step for this long is hung: killed, then restarted
     max_engine_restarts: int = 5  # restarts in a row before a model stays down (and /health fails)
     engine_restart_backoff_s: float = 1.0  # wait before the first restart; doubles per restart in a row, up to 60 s
+    connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    metrics_max_age: float = 1.0  # seconds a /metrics snapshot is served again while no request starts or ends

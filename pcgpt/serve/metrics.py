@@ -68,6 +68,7 @@ class Metrics:
         self.engine_restarts = Counter("pcgpt_engine_restarts", "Restarts of the model's engine process after it "
                                        "died or hung", m, registry=r)
         self._restarts_counted: dict[str, int] = {}
+        self.snapshots = Counter("pcgpt_metrics_snapshots", "Collections of these series from the engines (pcgpt/serve/scrape.py)", registry=r)
         self.errors.labels(model="none", type="invalid_request_error")  # requests for no loaded model
         self.engine_pids: list[int] = []  # engine processes, whose memory the process series add
 

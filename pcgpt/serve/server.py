@@ -5,17 +5,17 @@ Routes are thin: they validate (pydantic, schemas.py), turn a request into engin
 """
 
 import asyncio
-import hmac
 import logging
 import os
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pcgpt.serve.auth import RequireAPIKey
 from pcgpt.serve.config import ServerConfig
 from pcgpt.serve.engine_process import RemoteEngine
 from pcgpt.serve.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -25,6 +25,7 @@ from pcgpt.serve.schemas import (CHAT_COMPLETION_BODY, CHAT_COMPLETION_CHUNK, CO
                          HEALTH_BODY, MODEL_CARD, MODEL_LIST, READY_BODY, ChatCompletionRequest, CompletionRequest,
                          stream_event)
 from pcgpt.serve import service, web
+from pcgpt.serve.scrape import ScrapeCache
 from pcgpt.serve.service import APIError
 
 log = logging.getLogger("pcgpt.server")
@@ -137,6 +138,17 @@ def create_app(config: ServerConfig, engines: dict) -> FastAPI:
     fault_injection = any(e.spec["fault_injection"] for e in engines.values())
     metrics = Metrics(replica=config.replica_id or default_replica_id(config.port))
 
+    async def render_metrics() -> bytes:
+        metrics.snapshots.inc()
+        engines = app.state.engines
+        # side by side: a slow engine costs one COLLECT_TIMEOUT_S, not one per engine
+        engine_families = await asyncio.gather(*(e.collect() for e in engines.values()))
+        metrics.engine_pids = [e.pid for e in engines.values() if e.alive]
+        metrics.observe_engines({n: e.alive for n, e in engines.items()}, {n: e.restarts for n, e in engines.items()})
+        return metrics.render(engine_families)
+
+    scrapes = ScrapeCache(render_metrics, config.metrics_max_age)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         for name, engine in engines.items():
@@ -161,6 +173,9 @@ def create_app(config: ServerConfig, engines: dict) -> FastAPI:
     app.state.metrics = metrics
     app.state.engines = {}
     app.state.shutting_down = False
+    if config.api_key:  # before any route reads the body: a client without the key learns nothing of it
+        app.add_middleware(RequireAPIKey, api_key=config.api_key,
+                           on_refused=lambda: _count_error_type("none", "invalid_request_error"))
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -200,19 +215,11 @@ def create_app(config: ServerConfig, engines: dict) -> FastAPI:
         return error_response(500, f"internal error: {type(e).__name__}", "server_error")
 
     def _count_error(request: Request, type_: str) -> None:
-        model = getattr(request.state, "model_name", None) or "none"
-        metrics.errors.labels(model=model, type=type_).inc()
+        _count_error_type(getattr(request.state, "model_name", None) or "none", type_)
 
-    async def require_api_key(request: Request) -> None:
-        # async on purpose: FastAPI runs a plain-def dependency in a worker thread, a thread
-        # handoff (and GIL contention with the engine) on every inference request
-        if not config.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                           "invalid_request_error", None, "invalid_api_key")
+    def _count_error_type(model: str, type_: str) -> None:
+        metrics.errors.labels(model=model, type=type_).inc()
+        scrapes.changed()
 
     def engine_for(request: Request, name: str) -> RemoteEngine:
         request.state.model_name = name if name in request.app.state.engines else None
@@ -248,20 +255,15 @@ def create_app(config: ServerConfig, engines: dict) -> FastAPI:
         return JSONResponse(status_code=200 if ok else 503, content=body)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-    async def metrics_route(request: Request):
-        engines = request.app.state.engines
-        # side by side: a slow engine costs one COLLECT_TIMEOUT_S, not one per engine
-        engine_families = await asyncio.gather(*(e.collect() for e in engines.values()))
-        metrics.engine_pids = [e.pid for e in engines.values() if e.alive]
-        metrics.observe_engines({n: e.alive for n, e in engines.items()}, {n: e.restarts for n, e in engines.items()})
-        return Response(metrics.render(engine_families), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_route():
+        return Response(await scrapes.get(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(require_api_key)], summary="the loaded models",
+    @app.get("/v1/models", summary="the loaded models",
              responses={200: _json(MODEL_LIST, "the loaded models"), 401: _ERRORS[401]})
     async def list_models(request: Request):
         return {"object": "list", "data": [service.model_card(n, e) for n, e in request.app.state.engines.items()]}
 
-    @app.get("/v1/models/{model_id}", dependencies=[Depends(require_api_key)], summary="one loaded model",
+    @app.get("/v1/models/{model_id}", summary="one loaded model",
              responses={200: _json(MODEL_CARD, "the model"), 401: _ERRORS[401], 404: _ERRORS[404]})
     async def get_model(request: Request, model_id: str):
         engines = request.app.state.engines
@@ -269,14 +271,14 @@ def create_app(config: ServerConfig, engines: dict) -> FastAPI:
             raise APIError(404, f"model {model_id!r} does not exist", "invalid_request_error", "model", "model_not_found")
         return service.model_card(model_id, engines[model_id])
 
-    @app.post("/v1/completions", dependencies=[Depends(require_api_key)], summary="text completion (OpenAI)",
+    @app.post("/v1/completions", summary="text completion (OpenAI)",
               responses={200: _json(COMPLETION_BODY, "the completion, or its SSE stream", COMPLETION_CHUNK), **INFERENCE_RESPONSES})
     async def completions(body: CompletionRequest, request: Request):
         engine = engine_for(request, body.model)
         job = service.completion_job(body, engine, config)
         return await _run(job, engine, request)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], summary="chat completion (OpenAI)",
+    @app.post("/v1/chat/completions", summary="chat completion (OpenAI)",
               responses={200: _json(CHAT_COMPLETION_BODY, "the chat completion, or its SSE stream", CHAT_COMPLETION_CHUNK),
                          **INFERENCE_RESPONSES})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -289,10 +291,23 @@ def create_app(config: ServerConfig, engines: dict) -> FastAPI:
             for r in job.requests:
                 r.fault = job.body.user.removeprefix("fault:")
         job.submit()
+        scrapes.changed()
         if job.stream:
-            return StreamingResponse(job.sse(request), media_type="text/event-stream",
+            return StreamingResponse(_changes_scrapes_at_end(job.sse(request)), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await job.collect(request)
+        try:
+            return await job.collect(request)
+        finally:
+            scrapes.changed()
+
+    async def _changes_scrapes_at_end(chunks):
+        try:
+            async for chunk in chunks:
+                if chunk is service.SSE_DONE:  # the client may scrape as soon as it reads this
+                    scrapes.changed()
+                yield chunk
+        finally:
+            scrapes.changed()
 
     def openapi() -> dict:
         """FastAPI's document, less the 422 it adds to every route: validation errors here are 400."""

@@ -23,6 +23,7 @@ from pcgpt.model.tokenizer import TokenizerError
 # them ("NAME:\ntext\n\n"); the reply is the ASSISTANT's turn. A message's `name` is the speaker.
 CHAT_ROLES = {"system": "SYSTEM", "developer": "SYSTEM", "user": "USER", "assistant": "ASSISTANT"}
 CHAT_DEFAULT_STOP = ["\n\n"]
+SSE_DONE = "data: [DONE]\n\n"  # a stream's last chunk
 
 
 class APIError(Exception):
@@ -190,7 +191,7 @@ class Job:
                 yield head + orjson.dumps(part) + b"]}\n\n"
         if self.include_usage:
             yield _sse({**self._chunk(chunk_kind, []), "usage": self._usage(choices.values())})
-        yield "data: [DONE]\n\n"
+        yield SSE_DONE
 
     def _chunk(self, kind, choices):
         return {"id": self.id, "object": kind, "created": self.created, "model": self.body.model, "choices": choices}
@@ -377,6 +378,13 @@ def _check_common(body, engine):
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
 
 
+def _check_capacity(engine, sequences: int, what: str, param: str) -> None:
+    """400, not 429: more sequences than the server can ever hold at once is no reason to retry."""
+    if sequences > engine.max_batch_size + engine.max_queue:
+        raise APIError(400, f"{what} is more than this server can queue at once "
+                            f"({engine.max_batch_size + engine.max_queue} sequences)", param=param)
+
+
 def completion_job(body, engine, config) -> Job:
     _check_common(body, engine)
     if body.suffix:
@@ -395,9 +403,7 @@ def completion_job(body, engine, config) -> Job:
         raw = list(prompt)
     if not raw:
         raise APIError(400, "prompt is empty", param="prompt")
-    if len(raw) * (body.n or 1) > engine.max_batch_size + engine.max_queue:
-        raise APIError(400, f"{len(raw)} prompts × n={body.n} choices is more than this server can queue at once",
-                       param="prompt")
+    _check_capacity(engine, len(raw) * (body.n or 1), f"{len(raw)} prompts × n={body.n} choices", "prompt")
     prompts, texts = [], []
     for p in raw:
         ids = _encode(engine, p, config, "prompt") if isinstance(p, str) else list(p)
@@ -411,9 +417,11 @@ def chat_job(body, engine, config) -> Job:
     _check_common(body, engine)
     text = chat_prompt(body.messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
+    _check_capacity(engine, body.n or 1, f"n={body.n} choices", "n")
     ids = _encode(engine, text, config, "messages")
-    if max_tokens is None:
-        max_tokens = max(1, min(256, engine.block_size - len(ids)))
+    if max_tokens is None:  # the room the prompt leaves, once truncated as asked
+        kept = len(ids) if body.truncate_prompt_tokens is None else min(len(ids), body.truncate_prompt_tokens)
+        max_tokens = max(1, min(256, engine.block_size - kept))
     ids = _fit(engine, ids, max_tokens, body.truncate_prompt_tokens, "messages")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
