@@ -33,6 +33,10 @@ def register(sub, model_args, env):
 
 def cmd_compare(args) -> int:
     from pathlib import Path
+    try:
+        import scipy  # noqa: F401  (rank statistics)
+    except ImportError:
+        raise ValueError("pcgpt compare needs scipy: pip install 'pcgpt[eval]'") from None
     import torch
     from pcgpt.model.checkpoint import load_checkpoint
     from pcgpt.model.compare import CompareConfig, Entry, compare, write_report

@@ -270,37 +270,49 @@ def measure_batch(model, x, y, T) -> dict[str, torch.Tensor]:
     return m
 
 
+class FlopCount:
+    """Counts the FLOPs of the ops PyTorch's flop counter knows (matmuls, attention), forward and
+    backward, as they dispatch: `with FlopCount() as c: ...; c.total`. (FlopCounterMode itself
+    tracks modules with backward hooks, which autograd.grad on the settling states does not
+    support.) Attention is counted over every key, masked or not, as its kernels compute it."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry
+        aten = torch.ops.aten
+        # the CPU's fused attention kernels are missing from the registry; their leading arguments
+        # are those of the flash kernels it has, and so are their FLOPs
+        cpu_attention = {
+            aten._scaled_dot_product_flash_attention_for_cpu: flop_registry[aten._scaled_dot_product_flash_attention],
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                flop_registry[aten._scaled_dot_product_flash_attention_backward]}
+        counter = self
+        counter.total = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                packet = func._overloadpacket
+                if packet in cpu_attention:  # (query, key, value) / (grad_out, query, key, value, out, logsumexp)
+                    counter.total += cpu_attention[packet](*args[:6], out_val=out)
+                elif packet in flop_registry:
+                    counter.total += flop_registry[packet](*args, **kwargs, out_val=out)
+                return out
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
 def flops_per_token(model, x, T) -> float:
-    """Measured FLOPs per token of the forward (settling included) over one batch: the ops that
-    PyTorch's flop counter knows (matmuls, attention), forward and backward, counted as they
-    dispatch. (FlopCounterMode itself tracks modules with backward hooks, which autograd.grad on
-    the settling states does not support.)"""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
-    aten = torch.ops.aten
-    # the CPU's fused attention kernels are missing from the registry; their leading arguments are
-    # those of the flash kernels it has, and so are their FLOPs
-    cpu_attention = {
-        aten._scaled_dot_product_flash_attention_for_cpu: flop_registry[aten._scaled_dot_product_flash_attention],
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            flop_registry[aten._scaled_dot_product_flash_attention_backward]}
-
-    class Count(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            packet = func._overloadpacket
-            if packet in cpu_attention:  # (query, key, value) / (grad_out, query, key, value, out, logsumexp)
-                Count.total += cpu_attention[packet](*args[:6], out_val=out)
-            elif packet in flop_registry:
-                Count.total += flop_registry[packet](*args, **kwargs, out_val=out)
-            return out
-
-    with Count():
+    """Measured FLOPs per token of the forward (settling included) over one batch."""
+    with FlopCount() as count:
         forward_batch(model, x, T)
-    return Count.total / x.numel()
+    return count.total / x.numel()
 
 
 def measure(model, batches, T, bar=None) -> dict[str, torch.Tensor]:
