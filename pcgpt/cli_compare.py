@@ -28,6 +28,9 @@ def register(sub, model_args, env):
     c.add_argument("--batch-size", type=int, default=_D.batch_size)
     c.add_argument("--seed", type=int, default=_D.seed)
     c.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    c.add_argument("--threads", type=int, default=1,
+                   help="torch threads on CPU (default: %(default)s: the char models' ops are too small to share "
+                        "out, and extra threads only wait on each other on a busy machine; 0 = PyTorch's default)")
     c.set_defaults(func=cmd_compare)
 
 
@@ -45,6 +48,8 @@ def cmd_compare(args) -> int:
         steps = tuple(int(s) for s in args.settle_steps.split(",") if s.strip())
     except ValueError:
         raise ValueError(f"--settle-steps must be comma-separated integers, got {args.settle_steps!r}") from None
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
     for flag in ("max_tokens", "ood_windows", "ood_window", "sample_rows", "sample_tokens", "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -59,7 +64,12 @@ def cmd_compare(args) -> int:
         model, tokenizer, _ = load_checkpoint(path, device=device)
         entries.append(Entry(Path(path).name if Path(path).name not in ("ckpt.pt", "") else str(path), model, tokenizer))
     torch.manual_seed(args.seed)
-    result = compare(entries, args.data, cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        result = compare(entries, args.data, cfg)
+    finally:  # main() may run in a longer-lived process (the tests)
+        torch.set_num_threads(threads)
     report = write_report(result, args.out)
     print(report)
     return 0
