@@ -190,16 +190,15 @@ def _stdlib_source(min_chars: int) -> str:
 
 
 def _project_prose() -> tuple[str, str]:
-    """English prose: the project's docs when run from a checkout, else the standard library's
-    module docstrings (a wheel install has no docs/)."""
-    docs = Path(__file__).resolve().parents[2] / "docs"
-    files = sorted(docs.glob("*.md")) if docs.is_dir() else []
-    if files:
-        text = "\n".join(f.read_text(encoding="utf-8") for f in files)
+    """English prose: the project's docs/architecture.md when run from a checkout, else the
+    standard library's module docstrings (a wheel install has no docs/)."""
+    path = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
         # markdown syntax is not prose: drop code blocks, tables and markup characters
         text = re.sub(r"```.*?```", " ", text, flags=re.S)
         text = "\n".join(line for line in text.split("\n") if not line.lstrip().startswith("|"))
-        return re.sub(r"[#*`_|>\[\]()]", " ", text), "docs/*.md of this checkout"
+        return re.sub(r"[#*`_|>\[\]()]", " ", text), "docs/architecture.md of this checkout, markdown removed"
     import argparse
     import collections
     import email
