@@ -718,20 +718,21 @@ def write_plots(result: dict, out_dir: str | Path) -> dict[str, str]:
     ax.legend(fontsize=6)
     save(fig, "reliability", "reliability.png")
 
-    fig = Figure(figsize=(9, 4.5))
+    signals = list(dict.fromkeys(s for r in rows for s in r["ood_auroc"]))
+    grid = np.array([[r["ood_auroc"].get(s, {}).get("mean") if r["ood_auroc"].get(s, {}).get("mean") is not None
+                      else np.nan for s in signals] for r in rows], dtype=float)
+    fig = Figure(figsize=(1.2 * len(signals) + 3, 0.32 * len(rows) + 1.6))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    signals = list(dict.fromkeys(s for r in rows for s in r["ood_auroc"]))
-    width = 0.8 / max(len(rows), 1)
-    for i, r in enumerate(rows):
-        vals = [r["ood_auroc"].get(s, {}).get("mean") for s in signals]
-        ax.bar([j + i * width for j in range(len(signals))], [v if v is not None else 0 for v in vals], width,
-               label=_label(r))
-    ax.axhline(0.5, color="k", lw=0.8, ls="--")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(signals))], signals, fontsize=8)
-    ax.set_ylabel("mean AUROC over the OOD texts")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=6)
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdBu_r", aspect="auto")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(signals)), signals, fontsize=8)
+    ax.set_yticks(range(len(rows)), [_label(r) for r in rows], fontsize=7)
+    ax.set_title("mean AUROC over the OOD texts (0.5 = chance; below 0.5: lower on OOD text)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03)
     save(fig, "ood", "ood_auroc.png")
 
     fig = Figure(figsize=(7, 4))
