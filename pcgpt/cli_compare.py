@@ -9,12 +9,13 @@ def register(sub, model_args, env):
     c = sub.add_parser(
         "compare", help="standard vs PC checkpoints: loss/compute, calibration, uncertainty, OOD, samples",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Runs every MODEL on the held-out 10%% of --data (each PC model at each --settle-steps) and "
-                    "writes DIR/report.md, DIR/results.json and PNG plots.\n"
+        description="Runs every MODEL on the held-out 10% of --data (each PC model at each --settle-steps) and "
+                    "writes report.md, results.json and PNG plots into --out.\n"
                     f"Defaults: {_D.max_tokens} held-out tokens per (model, T); OOD: {_D.ood_windows} windows of "
                     f"{_D.ood_window} tokens per text;\nsamples: {_D.sample_rows} sequences x {_D.sample_tokens} "
                     "tokens, three runs per model (standard, error-driven, its tau corrected once).\n"
-                    "On the two shipped checkpoints these defaults run within 15 minutes on 2 CPU cores.")
+                    "On the two shipped checkpoints these defaults take under a minute of CPU time (one thread; "
+                    "docs/pc.md).")
     c.add_argument("models", nargs="+", metavar="MODEL", help="checkpoints (pcgpt directory, nanoGPT ckpt.pt, HF GPT-2 dir)")
     c.add_argument("--data", required=True, help="text file; its last 10%% is the held-out text")
     c.add_argument("--settle-steps", default=",".join(map(str, _D.settle_steps)),
