@@ -173,3 +173,19 @@ def test_compare_bad_flags_exit_2_naming_the_flag(argv, message, tmp_path, capsy
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_headline_states_the_margin_both_ways():
+    def row(model, kind, T, loss, entropy_ood, kl_ood):
+        ood = {"entropy": {"mean": entropy_ood}}
+        if kind == "pc":
+            ood.update(kl_settle={"mean": kl_ood}, energy={"mean": 0.4})
+        return {"model": model, "model_type": kind, "settle_steps": T, "loss": loss, "ood_auroc": ood}
+    result = {"rows": [row("base", "gpt", 0, 1.50, 0.9, None), row("pc", "pc", 0, 1.50, 0.9, 0.5),
+                       row("pc", "pc", 2, 1.48, 0.9, 0.95)]}
+    lines = C.headline(result)
+    assert "beats base (1.5000) by ≥ 0.01 nats: it is 0.0200 lower" in lines[0]
+    assert len(lines) == 2 and "kl_settle (mean AUROC 0.950), beats entropy (0.900)" in lines[1]  # T = 0 left out
+    result["rows"][2].update(loss=1.495, ood_auroc={"entropy": {"mean": 0.9}, "kl_settle": {"mean": 0.6}})
+    lines = C.headline(result)
+    assert "does not beat base" in lines[0] and "does not beat entropy" in lines[1]

@@ -578,8 +578,11 @@ def headline(result: dict, margin: float = 0.01) -> list[str]:
             gap = b["loss"] - best["loss"]
             verdict = "beats" if gap >= margin else "does not beat"
             lines.append(f"- Best PC row ({_label(best)}, {best['loss']:.4f} nats/token) {verdict} "
-                         f"{b['model']} ({b['loss']:.4f}) by ≥ {margin} nats: difference {gap:+.4f}.")
+                         f"{b['model']} ({b['loss']:.4f}) by ≥ {margin} nats: it is {abs(gap):.4f} "
+                         f"{'lower' if gap >= 0 else 'higher'}.")
     for r in pcs:
+        if r["settle_steps"] == 0:  # kl_settle is constant there
+            continue
         ood = r["ood_auroc"]
         ent = ood["entropy"]["mean"]
         pc_best = max(((s, ood[s]["mean"]) for s in PC_SIGNALS if s in ood and ood[s]["mean"] is not None),
