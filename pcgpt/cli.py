@@ -167,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     # train, eval and serve live in their own modules
-    from pcgpt import cli_serve, cli_train
+    from pcgpt import cli_compare, cli_serve, cli_train
     cli_train.register(sub, model_args, _env)
+    cli_compare.register(sub, model_args, _env)
     cli_serve.register(sub, model_args, _env)
     return parser
 
