@@ -4,7 +4,7 @@ import argparse
 
 
 def register(sub, model_args, env):
-    from pcgpt.model.compare import CompareConfig
+    from pcgpt.model.compare_config import CompareConfig
     _D = CompareConfig()
     c = sub.add_parser(
         "compare", help="standard vs PC checkpoints: loss/compute, calibration, uncertainty, OOD, samples",
@@ -26,8 +26,10 @@ def register(sub, model_args, env):
     c.add_argument("--ood-window", type=int, default=_D.ood_window, help="tokens per OOD window (default: %(default)s)")
     c.add_argument("--sample-rows", type=int, default=_D.sample_rows, help="sequences per sampler (default: %(default)s)")
     c.add_argument("--sample-tokens", type=int, default=_D.sample_tokens, help="tokens per sequence (default: %(default)s)")
-    c.add_argument("--batch-size", type=int, default=_D.batch_size)
-    c.add_argument("--seed", type=int, default=_D.seed)
+    c.add_argument("--batch-size", type=int, default=_D.batch_size,
+                   help="windows per forward pass (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=_D.seed,
+                   help="seed of the OOD texts' shuffles and of the samples (default: %(default)s)")
     c.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     c.add_argument("--threads", type=int, default=1,
                    help="torch threads on CPU (default: %(default)s: the char models' ops are too small to share "

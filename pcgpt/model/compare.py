@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pcgpt.model.compare_config import CompareConfig  # noqa: F401  (torch-free, for the CLI's help)
 from pcgpt.model.evaluate import forward_batch, make_batches, make_windows, spearman, token_measures
 
 _LN2 = math.log(2.0)
@@ -41,19 +42,6 @@ _LN2 = math.log(2.0)
 # per-token signals, each oriented so that larger means "less sure"
 BASE_SIGNALS = ("entropy", "neg_max_prob", "varentropy")
 PC_SIGNALS = ("energy0", "energy", "kl_settle")
-
-
-@dataclass
-class CompareConfig:
-    settle_steps: tuple = (0, 1, 2, 4)
-    max_tokens: int = 16384  # held-out tokens per (model, T)
-    ood_window: int = 128  # tokens per OOD window
-    ood_windows: int = 32  # windows per text (in-distribution and each OOD text)
-    sample_rows: int = 8  # sequences per sampler
-    sample_tokens: int = 192  # tokens per sequence
-    batch_size: int = 8
-    bins: int = 15  # calibration bins
-    seed: int = 0
 
 
 # --- metrics (pure functions over arrays) ---------------------------------------------------------
