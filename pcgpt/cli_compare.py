@@ -1,6 +1,5 @@
 """`pcgpt compare`: checkpoints side by side (pcgpt/model/compare.py computes, this writes files)."""
 
-import argparse
 
 
 def register(sub, model_args, env):
@@ -8,7 +7,6 @@ def register(sub, model_args, env):
     _D = CompareConfig()
     c = sub.add_parser(
         "compare", help="standard vs PC checkpoints: loss/compute, calibration, uncertainty, OOD, samples",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Runs every MODEL on the held-out 10% of --data (each PC model at each --settle-steps) and "
                     "writes report.md, results.json and PNG plots into --out.\n"
                     f"Defaults: {_D.max_tokens} held-out tokens per (model, T); OOD: {_D.ood_windows} windows of "
