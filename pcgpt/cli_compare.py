@@ -1,7 +1,6 @@
 """`pcgpt compare`: checkpoints side by side (pcgpt/model/compare.py computes, this writes files)."""
 
 
-
 def register(sub, model_args, env):
     from pcgpt.model.compare_config import CompareConfig
     _D = CompareConfig()
