@@ -13,7 +13,10 @@ def _load(args):
     device = resolve_device(args.device)
     dtype = resolve_dtype(getattr(args, "dtype", None), device)
     torch.set_grad_enabled(False)
-    return load_for_inference(args.model, meta_path=getattr(args, "meta", None), device=device, dtype=dtype)
+    from pcgpt.model.quantize import Quantization
+    quantization = Quantization.parse(getattr(args, "quantize", None), getattr(args, "group_size", None))
+    return load_for_inference(args.model, meta_path=getattr(args, "meta", None), device=device, dtype=dtype,
+                              quantization=quantization)
 
 
 def cmd_generate(args) -> int:
@@ -60,6 +63,7 @@ def cmd_inspect(args) -> int:
     print(f"parameters        {info['parameters']:,} ({info['parameters_non_embedding']:,} without position embeddings)")
     print(f"tokenizer         {info['tokenizer']} ({info['vocab_size']} tokens)")
     print(f"context length    {info['context_length']}")
+    print(f"weights           {info['weight_bytes']:,} bytes ({info['quantization'] or info['dtype']})")
     print(f"KV cache          {info['kv_cache_bytes_per_token']:,} bytes per token ({info['dtype']})")
     print(f"FLOPs per token   {info['flops_per_token']:,} (forward, attending to the full context)")
     for key in ("training", "eval"):
@@ -77,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pcgpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_args(p, positional=False):
+    def model_args(p, positional=False, quantize=True):
         if positional:
             p.add_argument("model", help="checkpoint: pcgpt directory, nanoGPT ckpt.pt or HF GPT-2 directory")
         else:
@@ -85,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--meta", help="nanoGPT meta.pkl with the char vocabulary (default: beside the checkpoint)")
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
         p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPUs that have it), float32, bfloat16, float16")
+        if quantize:
+            from pcgpt.cli_quantize import quantize_args
+            quantize_args(p)
 
     g = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
     model_args(g)
@@ -100,13 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="print a checkpoint's type, config, size and costs")
-    model_args(i, positional=True)
+    model_args(i, positional=True, quantize=False)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
     # train, eval and serve live in their own modules
-    from pcgpt import cli_serve, cli_train
+    from pcgpt import cli_quantize, cli_serve, cli_train
     cli_train.register(sub, model_args, _env)
+    cli_quantize.register(sub)
     cli_serve.register(sub, model_args, _env)
     return parser
 

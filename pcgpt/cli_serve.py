@@ -28,6 +28,10 @@ def register(sub, model_args, env):
     s.add_argument("--cors-origin", action="append", default=[o for o in env("cors_origins", "").split(",") if o],
                    help="allow this browser origin (repeatable); CORS is closed by default")
     s.add_argument("--drain-seconds", type=float, default=float(env("drain_seconds", d.drain_seconds)))
+    s.add_argument("--quantize", default=env("quantize", d.quantize), choices=["int8", "int4"],
+                   help="quantize each model's weights at load: int8 per channel, int4 group-wise")
+    s.add_argument("--group-size", type=int, default=int(env("group_size", 0)) or None,
+                   help="int4: inputs per scale and zero point (32, 64 or 128; default 32)")
     s.add_argument("--threads", type=int, default=int(env("threads", d.threads)),
                    help="torch CPU threads of each model's engine process (0: PyTorch's default, one per core)")
     s.add_argument("--stream-interval", type=int, default=int(env("stream_interval", d.stream_interval)),
@@ -56,19 +60,21 @@ def cmd_serve(args) -> int:
     from pcgpt.model.checkpoint import read_checkpoint_info
     from pcgpt.serve.config import ServerConfig
     from pcgpt.serve.engine_process import EngineStartError
-    from pcgpt.serve.server import create_app, start_engines
+    from pcgpt.serve.server import create_app, quantization_of, start_engines
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(models=parse_models(args.model), host=args.host, port=args.port, device=args.device,
                           dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                           api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
                           max_prompt_chars=args.max_prompt_chars, cors_origins=args.cors_origin,
-                          drain_seconds=args.drain_seconds, threads=args.threads, stream_interval=args.stream_interval,
+                          drain_seconds=args.drain_seconds, threads=args.threads,
+                          quantize=args.quantize, group_size=args.group_size, stream_interval=args.stream_interval,
                           log_level=args.log_level.lower())
     if config.max_batch_size < 1 or config.max_queue < 0 or config.stream_interval < 1:
         raise ValueError("--max-batch-size and --stream-interval must be at least 1 and --max-queue at least 0")
     # This process reads each checkpoint's config, tokenizer and tensor index (a bad one fails
     # here, at once); each model's engine process loads the weights.
+    quantization_of(config)  # a bad --quantize / --group-size pair fails here, before any process starts
     infos = {name: read_checkpoint_info(path) for name, path in config.models.items()}
     try:
         engines = start_engines(config, infos)

@@ -50,7 +50,7 @@ class RemoteEngine:
 
     def __init__(self, name: str, info, *, device: str, dtype: str, threads: int,
                  max_batch_size: int, max_queue: int, sampler_defaults: dict, stream_interval: int,
-                 fault_injection: bool = False, log_level: str = "info"):
+                 fault_injection: bool = False, log_level: str = "info", quantization=None):
         from pcgpt.model.device import resolve_device, resolve_dtype
         self.name = name
         self.info = info
@@ -63,7 +63,8 @@ class RemoteEngine:
         self.sampler_defaults = sampler_defaults
         self.spec = dict(name=name, path=info.path, device=device, dtype=dtype, threads=threads,
                          max_batch_size=max_batch_size, max_queue=max_queue, sampler_defaults=sampler_defaults,
-                         stream_interval=stream_interval, fault_injection=fault_injection, log_level=log_level)
+                         stream_interval=stream_interval, fault_injection=fault_injection, log_level=log_level,
+                         quantization=quantization)
         self.dead: str | None = None
         self.pid: int | None = None
         self._accepting = True
@@ -252,7 +253,8 @@ def engine_main(conn, spec: dict) -> None:
             torch.set_num_threads(spec["threads"])
         device = resolve_device(spec["device"])
         model, tokenizer, metadata = load_for_inference(spec["path"], device=device,
-                                                        dtype=resolve_dtype(spec["dtype"], device))
+                                                        dtype=resolve_dtype(spec["dtype"], device),
+                                                        quantization=spec["quantization"])
         metrics = Metrics()
         live: dict = {}  # key -> this process's copy of the request
 

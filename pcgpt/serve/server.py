@@ -101,6 +101,11 @@ def _is_type_tag(part) -> bool:
                                       or "[" in part or part.startswith(("function-", "constrained-")))
 
 
+def quantization_of(config: ServerConfig):
+    from pcgpt.model.quantize import Quantization
+    return Quantization.parse(config.quantize, config.group_size)
+
+
 def start_engines(config: ServerConfig, infos: dict) -> dict:
     """One engine process per model (`infos`: served name -> CheckpointInfo, read without the
     weights), all loading their checkpoints side by side; returns when every one is ready. If one
@@ -112,7 +117,7 @@ def start_engines(config: ServerConfig, infos: dict) -> dict:
                                   max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                                   sampler_defaults=service.sampler_defaults(info.metadata, info.tokenizer),
                                   stream_interval=config.stream_interval, fault_injection=fault_injection,
-                                  log_level=config.log_level)
+                                  log_level=config.log_level, quantization=quantization_of(config))
                for name, info in infos.items()}
     try:
         for engine in engines.values():
