@@ -197,14 +197,16 @@ class QuantizedLinear(nn.Linear):
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, quantization: Quantization) -> dict:
-    """Swaps the model's nn.Linear modules (blocks and head) for QuantizedLinear, in place.
+def quantize(model: nn.Module, quantization: Quantization, keep_float: tuple[str, ...] = ()) -> dict:
+    """Swaps the model's nn.Linear modules (blocks and head) for QuantizedLinear, in place, but
+    those named in keep_float (e.g. 'lm_head', for measuring what the head's quantization costs).
     Returns counts: {'quantized': n, 'kept_float': m}."""
     quantized = kept = 0
+    names = {m: n for n, m in model.named_modules()}
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
-                if quantizable(child, quantization):
+                if quantizable(child, quantization) and names[child] not in keep_float:
                     setattr(parent, name, QuantizedLinear.wrap(child, quantization))
                     quantized += 1
                 else:
