@@ -18,7 +18,8 @@ import time
 import torch
 
 from bench.common import CHAR_CKPT, CHAR_PC_CKPT, ROOT, RESULTS, machine, set_threads
-from pcgpt.model.checkpoint import load_for_inference
+from pcgpt.model.checkpoint import load_checkpoint
+from pcgpt.model.formats import to_inference_format
 from pcgpt.model.evaluate import evaluate
 from pcgpt.model.generate import generate
 from pcgpt.model.quantize import Quantization, quantize, weight_bytes
@@ -36,9 +37,12 @@ def variant_name(q, keep):
 
 
 def load(path, q, keep):
-    model, tokenizer, _ = load_for_inference(path)
+    """As load_for_inference(path, quantization=q) loads it, with the Linears in `keep` left float."""
+    model, tokenizer, _ = load_checkpoint(path)
+    model.requires_grad_(False)
     if q is not None:
         quantize(model, q, keep_float=keep)
+    to_inference_format(model)
     return model, tokenizer
 
 
