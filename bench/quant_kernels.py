@@ -7,9 +7,11 @@ the formats interleaved in each repeat, and gives ms per pass and the weight byt
 
   fp32        F.linear over the [in, out] layout pcgpt serves fp32 in (formats.RowsLinear)
   bf16        F.linear, bf16 weights and activations (oneDNN)
-  int8        pcgpt --quantize int8: torchao Int8Tensor (its CPU path converts the int8 weight to
-              the activation dtype, then one fp32 matmul)
-  int8pack    ATen's _weight_int8pack_mm (int8 weight, fp32 activations, one kernel)
+  int8        pcgpt --quantize int8: QuantizedLinear, which takes int8pack up to
+              quantize.INT8PACK_MAX_ROWS rows and int8ao beyond
+  int8ao      torchao's Int8Tensor path alone (it converts the int8 weight to the activation
+              dtype, then one fp32 matmul)
+  int8pack    ATen's _weight_int8pack_mm alone (int8 weight, fp32 activations, one kernel)
   int8dq      torchao Int8DynamicActivationInt8WeightConfig (activations quantized per token)
   int4        pcgpt --quantize int4 --group-size 32: torchao Int4OpaqueTensor,
               ATen's _weight_int4pack_mm_for_cpu
@@ -42,7 +44,7 @@ def layers(fmt: str):
             out.append(RowsLinear.wrap(lin))
         elif fmt == "bf16":
             out.append(lin.to(torch.bfloat16))
-        elif fmt == "int8":
+        elif fmt in ("int8", "int8ao"):
             out.append(QuantizedLinear.wrap(lin, Quantization("int8")))
         elif fmt == "int4":
             out.append(QuantizedLinear.wrap(lin, Quantization("int4", 32)))
@@ -65,7 +67,10 @@ def weights_pass(fmt, mods, x):
         return
     xx = x.to(torch.bfloat16) if fmt == "bf16" else x
     for m, (k, n) in zip(mods, SHAPES):
-        m(xx[:, :k])
+        if fmt == "int8ao":
+            F.linear(xx[:, :k], m.weight)
+        else:
+            m(xx[:, :k])
 
 
 def nbytes(fmt, mods):
@@ -79,7 +84,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--formats", default="fp32,bf16,int8,int8pack,int8dq,int4")
+    p.add_argument("--formats", default="fp32,bf16,int8,int8ao,int8pack,int8dq,int4")
     p.add_argument("--rows", default="1,4,16")
     p.add_argument("--out", default=str(RESULTS / "quant_kernels.json"))
     args = p.parse_args(argv)

@@ -29,6 +29,9 @@ import torch.nn.functional as F
 SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)  # what _weight_int4pack_mm_for_cpu (and tinygemm on CUDA) take
 DEFAULT_GROUP_SIZE = 32
+# int8 on CPU: up to this many rows a call takes ATen's _weight_int8pack_mm, beyond it torchao's
+# path (bench/quant_kernels.py measures both per rows)
+INT8PACK_MAX_ROWS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +193,18 @@ class QuantizedLinear(nn.Linear):
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
             return F.linear(x, dequantize_parts(self.parts, self.quantization, x.dtype), self.bias)
+        if self.quantization.scheme == "int8" and x.device.type == "cpu" and x.numel() <= INT8PACK_MAX_ROWS * x.shape[-1]:
+            return self._int8pack(x)
         return F.linear(x, self.weight, self.bias)
+
+    def _int8pack(self, x):
+        """ATen's int8 x float kernel: it reads the int8 weight once, where torchao's CPU path
+        converts the whole weight to the activation dtype first; per shape, it pays for few rows."""
+        scale = self.parts["scale"].view(-1)
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.parts["qdata"],
+                                      scale if scale.dtype == x.dtype else scale.to(x.dtype))
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, quantization={self.quantization.name}"
