@@ -12,7 +12,8 @@ the formats interleaved in each repeat, and gives ms per pass and the weight byt
   int8ao      torchao's Int8Tensor path alone (it converts the int8 weight to the activation
               dtype, then one fp32 matmul)
   int8pack    ATen's _weight_int8pack_mm alone (int8 weight, fp32 activations, one kernel)
-  int8dq      torchao Int8DynamicActivationInt8WeightConfig (activations quantized per token)
+  int8dq      torchao Int8DynamicActivationInt8WeightConfig alone (eager: torch._int_mm)
+  int8dyn     pcgpt --quantize int8-dynamic: FBGEMM's linear_dynamic (activations quantized per call)
   int4        pcgpt --quantize int4 --group-size 32: torchao Int4OpaqueTensor,
               ATen's _weight_int4pack_mm_for_cpu
 
@@ -48,6 +49,8 @@ def layers(fmt: str):
             out.append(QuantizedLinear.wrap(lin, Quantization("int8")))
         elif fmt == "int4":
             out.append(QuantizedLinear.wrap(lin, Quantization("int4", 32)))
+        elif fmt == "int8dyn":
+            out.append(QuantizedLinear.wrap(lin, Quantization("int8-dynamic")))
         elif fmt == "int8pack":
             w = lin.weight
             scale = w.abs().amax(1) / 127
@@ -84,7 +87,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--formats", default="fp32,bf16,int8,int8ao,int8pack,int8dq,int4")
+    p.add_argument("--formats", default="fp32,bf16,int8,int8ao,int8pack,int8dq,int8dyn,int4")
     p.add_argument("--rows", default="1,4,16")
     p.add_argument("--out", default=str(RESULTS / "quant_kernels.json"))
     args = p.parse_args(argv)

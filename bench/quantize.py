@@ -28,7 +28,7 @@ from pcgpt.model.sampling import SamplingParams
 DATA = ROOT / "data" / "tinyshakespeare" / "input.txt"
 PROMPTS = ["ROMEO:\n", "JULIET:\nO ", "First Citizen:\n", "KING RICHARD III:\n", "To be, or not", "The king ",
            "MENENIUS:\nWhat ", "O, "]
-VARIANTS = [(None, ()), (Quantization("int8"), ()), (Quantization("int8"), ("lm_head",)),
+VARIANTS = [(None, ()), (Quantization("int8"), ()), (Quantization("int8"), ("lm_head",)), (Quantization("int8-dynamic"), ()),
             (Quantization("int4", 32), ()), (Quantization("int4", 32), ("lm_head",)), (Quantization("int4", 128), ())]
 
 
@@ -60,9 +60,9 @@ def agreement(ref, got):
             "first_difference_min": min(first)}
 
 
-def char_rows(path, max_tokens):
+def char_rows(path, max_tokens, variants):
     rows, ref_loss, ref_tokens = [], None, None
-    for q, keep in VARIANTS:
+    for q, keep in [VARIANTS[0]] + variants:
         model, tokenizer = load(path, q, keep)
         steps = [model.config.default_settle_steps] if model.model_type == "pc" else [0]
         t = time.perf_counter()
@@ -82,14 +82,14 @@ def char_rows(path, max_tokens):
 
 
 @torch.no_grad()
-def gpt2_rows():
+def gpt2_rows(variants):
     from bench.models import gpt2_pair
     ref, hf, _ = gpt2_pair()
     del hf
     x = torch.randint(0, 50257, (2, 128), generator=torch.Generator().manual_seed(0))
     a = ref(x)
     rows = []
-    for q, keep in VARIANTS[1:]:
+    for q, keep in variants:
         model = type(ref)(ref.config)
         model.load_state_dict(ref.state_dict())
         model.eval().requires_grad_(False)
@@ -106,13 +106,15 @@ def gpt2_rows():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-tokens", type=int, default=20000)
+    p.add_argument("--variants", help="comma-separated names (default: all), e.g. int8,int4-g32 +head fp32")
     p.add_argument("--out", default=str(RESULTS / "quantize.json"))
     args = p.parse_args(argv)
+    variants = [v for v in VARIANTS[1:] if args.variants is None or variant_name(*v) in args.variants.split(",")]
     threads = set_threads()
     result = {"machine": machine(), "threads": threads, "max_tokens": args.max_tokens,
               "command": "python -m bench.quantize" + (f" --max-tokens {args.max_tokens}" if args.max_tokens != 20000 else ""),
-              "char": char_rows(CHAR_CKPT, args.max_tokens) + char_rows(CHAR_PC_CKPT, args.max_tokens),
-              "gpt2": gpt2_rows()}
+              "char": char_rows(CHAR_CKPT, args.max_tokens, variants) + char_rows(CHAR_PC_CKPT, args.max_tokens, variants),
+              "gpt2": gpt2_rows(variants)}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")

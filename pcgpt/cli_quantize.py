@@ -5,8 +5,8 @@ import json
 
 
 def quantize_args(p) -> None:
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="quantize the weights at load: int8 per channel, int4 group-wise (torchao)")
+    p.add_argument("--quantize", choices=["int8", "int8-dynamic", "int4"], default=None,
+                   help="quantize the weights at load: int8 per channel, int8-dynamic (int8 weights and activations), int4 group-wise")
     p.add_argument("--group-size", type=int, default=None,
                    help="int4: inputs per scale and zero point (32, 64 or 128; default 32)")
 

@@ -28,7 +28,7 @@ def register(sub, model_args, env):
     s.add_argument("--cors-origin", action="append", default=[o for o in env("cors_origins", "").split(",") if o],
                    help="allow this browser origin (repeatable); CORS is closed by default")
     s.add_argument("--drain-seconds", type=float, default=float(env("drain_seconds", d.drain_seconds)))
-    s.add_argument("--quantize", default=env("quantize", d.quantize), choices=["int8", "int4"],
+    s.add_argument("--quantize", default=env("quantize", d.quantize), choices=["int8", "int8-dynamic", "int4"],
                    help="quantize each model's weights at load: int8 per channel, int4 group-wise")
     s.add_argument("--group-size", type=int, default=int(env("group_size", 0)) or None,
                    help="int4: inputs per scale and zero point (32, 64 or 128; default 32)")

@@ -2,7 +2,9 @@
 torchao's quantized tensors and their ATen kernels.
 
   int8  weight-only, per output channel (symmetric int8, one fp32 scale per row): torchao's
-        Int8WeightOnlyConfig (Int8Tensor).
+        Int8Tensor; on CPU, calls of up to INT8PACK_MAX_ROWS rows take ATen's _weight_int8pack_mm.
+  int8-dynamic  the same int8 weights (and checkpoint parts), activations quantized per call:
+        on CPU FBGEMM's linear_dynamic (VNNI), on CUDA torchao's Int8DynamicActivationInt8Weight.
   int4  weight-only, group-wise (asymmetric 4-bit, a scale and a zero point per `group_size`
         inputs of a row): on CPU torchao's Int4OpaqueTensor, the layout ATen's
         _weight_int4pack_mm_for_cpu reads (group sizes 32, 64, 128); on CUDA torchao's
@@ -26,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int8-dynamic", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)  # what _weight_int4pack_mm_for_cpu (and tinygemm on CUDA) take
 DEFAULT_GROUP_SIZE = 32
 # int8 on CPU: up to this many rows a call takes ATen's _weight_int8pack_mm, beyond it torchao's
@@ -50,7 +52,7 @@ class Quantization:
 
     @property
     def name(self) -> str:
-        return "int8" if self.scheme == "int8" else f"int4-g{self.group_size}"
+        return f"int4-g{self.group_size}" if self.scheme == "int4" else self.scheme
 
     def to_dict(self) -> dict:
         return {"scheme": self.scheme, **({"group_size": self.group_size} if self.scheme == "int4" else {})}
@@ -62,7 +64,7 @@ class Quantization:
             if group_size is not None:
                 raise ValueError("--group-size needs --quantize int4")
             return None
-        if scheme == "int8" and group_size is not None:
+        if scheme != "int4" and group_size is not None:
             raise ValueError("--group-size applies to --quantize int4 only (int8 is per channel)")
         return cls(scheme, DEFAULT_GROUP_SIZE if group_size is None else group_size)
 
@@ -94,7 +96,7 @@ def quantize_parts(weight: torch.Tensor, quantization: Quantization) -> dict[str
             (tinygemm's convention: the zero point is a float)"""
     _silence_torchao_import()
     w = weight.detach().float()
-    if quantization.scheme == "int8":
+    if quantization.scheme in ("int8", "int8-dynamic"):
         from torchao.quantization import Int8Tensor
         from torchao.quantization.granularity import PerRow
         t = Int8Tensor.from_hp(w, PerRow())
@@ -111,7 +113,7 @@ def quantize_parts(weight: torch.Tensor, quantization: Quantization) -> dict[str
 
 def part_shapes(out_features: int, in_features: int, quantization: Quantization) -> dict[str, tuple]:
     """The shapes quantize_parts gives for a weight (out, in)."""
-    if quantization.scheme == "int8":
+    if quantization.scheme != "int4":
         return {"qdata": (out_features, in_features), "scale": (out_features, 1)}
     groups = in_features // quantization.group_size
     return {"qdata": (out_features, in_features // 2), "scale": (out_features, groups),
@@ -119,7 +121,7 @@ def part_shapes(out_features: int, in_features: int, quantization: Quantization)
 
 
 def dequantize_parts(parts: dict, quantization: Quantization, dtype=torch.float32) -> torch.Tensor:
-    if quantization.scheme == "int8":
+    if quantization.scheme != "int4":
         return (parts["qdata"].to(torch.float32) * parts["scale"]).to(dtype)
     q = _unpack_int4(parts["qdata"]).to(torch.float32)
     g = quantization.group_size
@@ -136,6 +138,8 @@ def kernel_weight(parts: dict, quantization: Quantization, dtype: torch.dtype, d
     """The torchao tensor F.linear dispatches to the quantized kernel, built from the parts."""
     _silence_torchao_import()
     parts = {k: v.to(device) for k, v in parts.items()}
+    if quantization.scheme == "int8-dynamic":
+        return _int8_dynamic_weight(parts, dtype, device)
     if quantization.scheme == "int8":
         from torchao.quantization import Int8Tensor
         qdata = parts["qdata"]
@@ -164,8 +168,35 @@ def kernel_weight(parts: dict, quantization: Quantization, dtype: torch.dtype, d
                             shape=torch.Size([out_features, q.shape[1]]))
 
 
+def _int8_dynamic_weight(parts: dict, dtype, device) -> torch.Tensor:
+    """int8 weights x int8 activations quantized per call. On CUDA torchao's
+    Int8DynamicActivationInt8WeightConfig tensor (untested here: no GPU). On CPU the int8
+    weight-only tensor (what the graph-building path and the dtype checks see), and
+    QuantizedLinear packs the same int8 weights for FBGEMM (_fbgemm): its VNNI kernel is the eager
+    int8 x int8 matmul x86 has; torchao's eager CPU path for this config goes through
+    torch._int_mm, slower than fp32 on the development machine (BENCHMARKS.md)."""
+    from torchao.quantization import Int8Tensor
+    qdata = parts["qdata"]
+    if torch.device(device).type != "cpu":
+        from torchao.quantization.granularity import PerRow
+        from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
+        return Int8Tensor(qdata, parts["scale"].float(), [1, qdata.shape[1]], dtype,
+                          act_quant_kwargs=QuantizeTensorToInt8Kwargs(granularity=PerRow()))
+    return Int8Tensor(qdata, parts["scale"].float(), [1, qdata.shape[1]], dtype)
+
+
+def fbgemm_pack(parts: dict, bias: torch.Tensor | None):
+    import warnings
+    scale = parts["scale"].reshape(-1).double()
+    with warnings.catch_warnings():  # torch marks its quantized dtypes deprecated; FBGEMM's packing takes them
+        warnings.simplefilter("ignore")
+        weight = torch._make_per_channel_quantized_tensor(parts["qdata"], scale,
+                                                          torch.zeros_like(scale, dtype=torch.long), 0)
+    return torch.ops.quantized.linear_prepack(weight, None if bias is None else bias.float())
+
+
 def quantizable(linear: nn.Linear, quantization: Quantization) -> bool:
-    return quantization.scheme == "int8" or linear.in_features % quantization.group_size == 0
+    return quantization.scheme != "int4" or linear.in_features % quantization.group_size == 0
 
 
 class QuantizedLinear(nn.Linear):
@@ -184,18 +215,27 @@ class QuantizedLinear(nn.Linear):
         dtype = dtype or linear.weight.dtype
         parts = quantize_parts(linear.weight, quantization) if parts is None else parts
         module.weight = nn.Parameter(kernel_weight(parts, quantization, dtype, device), requires_grad=False)
-        if quantization.scheme == "int8":
-            parts = {"qdata": module.weight.qdata, "scale": module.weight.scale}
-        module.parts = {k: v.to(device) for k, v in parts.items()}
         module.bias = linear.bias
+        if quantization.scheme != "int4":
+            parts = {"qdata": module.weight.qdata, "scale": module.weight.scale}
+        if quantization.scheme == "int8-dynamic" and torch.device(device).type == "cpu":
+            module.packed = fbgemm_pack(parts, linear.bias)  # a second int8 copy, in FBGEMM's layout
+        module.parts = {k: v.to(device) for k, v in parts.items()}
         return module
 
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
             return F.linear(x, dequantize_parts(self.parts, self.quantization, x.dtype), self.bias)
+        if hasattr(self, "packed"):
+            return self._fbgemm(x)
         if self.quantization.scheme == "int8" and x.device.type == "cpu" and x.numel() <= INT8PACK_MAX_ROWS * x.shape[-1]:
             return self._int8pack(x)
         return F.linear(x, self.weight, self.bias)
+
+    def _fbgemm(self, x):
+        # activations quantized per call (per tensor, 7 bits: FBGEMM's reduce_range for VNNI)
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float().contiguous(), self.packed, True)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _int8pack(self, x):
         """ATen's int8 x float kernel: it reads the int8 weight once, where torchao's CPU path
