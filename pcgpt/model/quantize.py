@@ -33,7 +33,7 @@ INT4_GROUP_SIZES = (32, 64, 128)  # what _weight_int4pack_mm_for_cpu (and tinyge
 DEFAULT_GROUP_SIZE = 32
 # int8 on CPU: up to this many rows a call takes ATen's _weight_int8pack_mm, beyond it torchao's
 # path (bench/quant_kernels.py measures both per rows)
-INT8PACK_MAX_ROWS = 16
+INT8PACK_MAX_ROWS = 1
 
 
 @dataclasses.dataclass(frozen=True)
