@@ -28,7 +28,7 @@ from pcgpt.model.sampling import SamplingParams
 DATA = ROOT / "data" / "tinyshakespeare" / "input.txt"
 PROMPTS = ["ROMEO:\n", "JULIET:\nO ", "First Citizen:\n", "KING RICHARD III:\n", "To be, or not", "The king ",
            "MENENIUS:\nWhat ", "O, "]
-VARIANTS = [(None, ()), (Quantization("int8"), ()), (Quantization("int8"), ("lm_head",)), (Quantization("int8-dynamic"), ()),
+VARIANTS = [(None, ()), (Quantization("int8"), ()), (Quantization("int8"), ("lm_head",)), (Quantization("int8-dynamic"), ()), (Quantization("int8-dynamic"), ("lm_head",)),
             (Quantization("int4", 32), ()), (Quantization("int4", 32), ("lm_head",)), (Quantization("int4", 128), ())]
 
 

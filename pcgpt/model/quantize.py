@@ -23,6 +23,7 @@ kernels have no backward. The model files know nothing of this; load_for_inferen
 """
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn as nn
@@ -185,6 +186,16 @@ def _int8_dynamic_weight(parts: dict, dtype, device) -> torch.Tensor:
     return Int8Tensor(qdata, parts["scale"].float(), [1, qdata.shape[1]], dtype)
 
 
+@functools.cache
+def cpu_has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 def fbgemm_pack(parts: dict, bias: torch.Tensor | None):
     import warnings
     scale = parts["scale"].reshape(-1).double()
@@ -233,8 +244,10 @@ class QuantizedLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _fbgemm(self, x):
-        # activations quantized per call (per tensor, 7 bits: FBGEMM's reduce_range for VNNI)
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float().contiguous(), self.packed, True)
+        # activations quantized per call, per tensor: 8 bits where the CPU has VNNI (its int8 dot
+        # products accumulate in 32 bits), 7 elsewhere (AVX2's 16-bit pair sums could saturate)
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float().contiguous(), self.packed,
+                                               not cpu_has_vnni())
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _int8pack(self, x):
