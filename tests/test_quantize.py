@@ -145,5 +145,6 @@ def test_server_serves_and_streams_quantized_models(server):
     settled = client.completions.create(model="pc", prompt="ROMEO:\n", max_tokens=8, temperature=0,
                                         extra_body={"settle_steps": 2, "uncertainty": True})
     assert len(settled.choices[0].text) > 0
-    cards = {m.id: m for m in client.models.list().data}
+    cards = {m.id: m.model_dump() for m in client.models.list().data}
     assert set(cards) == {"q8", "pc"}
+    assert cards["q8"]["quantization"] == cards["pc"]["quantization"] == "int8"

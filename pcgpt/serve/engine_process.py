@@ -20,6 +20,7 @@ Messages, pickled over one multiprocessing Pipe:
 """
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -52,6 +53,9 @@ class RemoteEngine:
                  max_batch_size: int, max_queue: int, sampler_defaults: dict, stream_interval: int,
                  fault_injection: bool = False, log_level: str = "info", quantization=None):
         from pcgpt.model.device import resolve_device, resolve_dtype
+        if quantization is not None and "quantization" not in info.metadata:
+            # the model card describes the weights as served: quantized at load
+            info = dataclasses.replace(info, metadata={**info.metadata, "quantization": quantization.to_dict()})
         self.name = name
         self.info = info
         self.tokenizer = info.tokenizer
@@ -255,6 +259,8 @@ def engine_main(conn, spec: dict) -> None:
         model, tokenizer, metadata = load_for_inference(spec["path"], device=device,
                                                         dtype=resolve_dtype(spec["dtype"], device),
                                                         quantization=spec["quantization"])
+        if spec["quantization"] is not None:
+            metadata = {**metadata, "quantization": spec["quantization"].to_dict()}
         metrics = Metrics()
         live: dict = {}  # key -> this process's copy of the request
 
