@@ -107,14 +107,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-tokens", type=int, default=20000)
     p.add_argument("--variants", help="comma-separated names (default: all), e.g. int8,int4-g32 +head fp32")
+    p.add_argument("--models", default="char,gpt2", help="char (both shipped models), gpt2, or both")
     p.add_argument("--out", default=str(RESULTS / "quantize.json"))
     args = p.parse_args(argv)
     variants = [v for v in VARIANTS[1:] if args.variants is None or variant_name(*v) in args.variants.split(",")]
     threads = set_threads()
     result = {"machine": machine(), "threads": threads, "max_tokens": args.max_tokens,
               "command": "python -m bench.quantize" + (f" --max-tokens {args.max_tokens}" if args.max_tokens != 20000 else ""),
-              "char": char_rows(CHAR_CKPT, args.max_tokens, variants) + char_rows(CHAR_PC_CKPT, args.max_tokens, variants),
-              "gpt2": gpt2_rows(variants)}
+              "char": (char_rows(CHAR_CKPT, args.max_tokens, variants) + char_rows(CHAR_PC_CKPT, args.max_tokens, variants)
+                       if "char" in args.models else []),
+              "gpt2": gpt2_rows(variants) if "gpt2" in args.models else []}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")
