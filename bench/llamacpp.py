@@ -39,7 +39,7 @@ BUILD = CACHE / "build"
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # pcgpt's format facing each llama.cpp type (the table pairs them so)
-OURS_FOR = {"f32": "fp32", "f16": "bf16", "bf16": "bf16", "q8_0": "int8", "q4_0": "int4"}
+OURS_FOR = {"f32": "fp32", "f16": "bf16", "bf16": "bf16", "q8_0": "int8-dynamic", "q4_0": "int4"}
 BATCHES = (1, 4, 16)
 
 
@@ -134,7 +134,8 @@ def load_ours(fmt: str):
     from pcgpt.model.checkpoint import load_for_inference
     from pcgpt.model.quantize import Quantization
     dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
-    q = {"int8": Quantization("int8"), "int4": Quantization("int4", 32)}.get(fmt)
+    q = {"int8": Quantization("int8"), "int8-dynamic": Quantization("int8-dynamic"),
+         "int4": Quantization("int4", 32)}.get(fmt)
     model, _, _ = load_for_inference(hf_dir(), dtype=dtype, quantization=q)
     return model
 
