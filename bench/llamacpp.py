@@ -13,7 +13,8 @@
 3. Decode throughput, greedy, prompt 16, --new-tokens new tokens, batch 1, 4 and 16, the same
    threads (--threads, default every core): llama-batched-bench (its S_TG, generation tokens/s
    over the batch) against pcgpt's batched decode (bench.decode.run_ours, steady-state decode
-   tokens/s) at fp32 / bf16 / int8 / int4 (group 32), the methods interleaved in each repeat.
+   tokens/s) at fp32 / bf16 / int8-dynamic / int4 (group 32), facing f32 / f16 and bf16 / q8_0 /
+   q4_0, the methods interleaved in each repeat.
    Then a contended column at batch 1: the same with two busy loops on the machine.
 Writes bench/results/llamacpp.json. `make test` does not use any of this.
 """
