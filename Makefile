@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-serve deps-system serve test bench clean
+.PHONY: install install-serve deps-system serve test bench bench-llamacpp clean
 
 $(SERVE_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ test: $(DEV_STAMP) deps-system
 
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.run_all
+
+# pcgpt against llama.cpp (bench/llamacpp.py): builds llama.cpp from the llama-cpp-python sdist
+# into .cache/llamacpp/ once (cmake and g++ from Debian if missing); `make test` does not need it.
+bench-llamacpp: $(DEV_STAMP)
+	command -v cmake >/dev/null && command -v g++ >/dev/null || \
+		(apt-get update && apt-get install -y --no-install-recommends cmake g++)
+	nice -n 10 $(BIN)/python -m bench.llamacpp
 
 clean:
 	rm -rf $(VENV)

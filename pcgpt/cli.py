@@ -19,7 +19,10 @@ def _load(args):
     device = resolve_device(args.device)
     dtype = resolve_dtype(getattr(args, "dtype", None), device)
     torch.set_grad_enabled(False)
-    return load_for_inference(args.model, meta_path=getattr(args, "meta", None), device=device, dtype=dtype)
+    from pcgpt.model.quantize import Quantization
+    quantization = Quantization.parse(getattr(args, "quantize", None), getattr(args, "group_size", None))
+    return load_for_inference(args.model, meta_path=getattr(args, "meta", None), device=device, dtype=dtype,
+                              quantization=quantization)
 
 
 DEFAULT_MAX_TOKENS = 100
@@ -92,6 +95,7 @@ def cmd_inspect(args) -> int:
     print(f"parameters        {info['parameters']:,} ({info['parameters_non_embedding']:,} without position embeddings)")
     print(f"tokenizer         {info['tokenizer']} ({info['vocab_size']} tokens)")
     print(f"context length    {info['context_length']}")
+    print(f"weights           {info['weight_bytes']:,} bytes ({info['quantization'] or info['dtype']})")
     print(f"KV cache          {info['kv_cache_bytes_per_token']:,} bytes per token ({info['dtype']})")
     print(f"FLOPs per token   {info['flops_per_token']:,} (forward, attending to the full context)")
     if "val_loss" in info:
@@ -121,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=cli_args.SubcommandParser)
 
-    def model_args(p, positional=False):
+    def model_args(p, positional=False, quantize=True):
         where = "checkpoint: a pcgpt directory, a nanoGPT ckpt.pt or a HuggingFace GPT-2 directory"
         if positional:
             p.add_argument("model", type=cli_args.existing_path, help=where)
@@ -133,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto (CUDA when present), cpu, cuda or cuda:N")
         p.add_argument("--dtype", default="auto", choices=cli_args.DTYPES,
                        help="auto: float32 on CPU, bfloat16 on GPUs that have it")
+        if quantize:
+            from pcgpt.cli_quantize import quantize_args
+            quantize_args(p)
 
     g = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout",
                        description="Generate text from a prompt in this process (no server): the prompt, then "
@@ -162,14 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print a checkpoint's model card, the one /v1/models answers: type, config, "
                                    "parameters, tokenizer, context, KV-cache bytes and forward FLOPs per token, "
                                    "validation loss and how it was trained. Reads no weights.")
-    model_args(i, positional=True)
+    model_args(i, positional=True, quantize=False)
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=cmd_inspect)
 
     # train, eval and serve live in their own modules
-    from pcgpt import cli_compare, cli_serve, cli_train
+    from pcgpt import cli_compare, cli_quantize, cli_serve, cli_train
     cli_train.register(sub, model_args, _env)
     cli_compare.register(sub, model_args, _env)
+    cli_quantize.register(sub)
     cli_serve.register(sub, model_args, _env)
     return parser
 

@@ -40,6 +40,10 @@ def register(sub, model_args, env):
                    help="allow this browser origin (repeatable); CORS is closed by default")
     s.add_argument("--drain-seconds", type=float, default=float(env("drain_seconds", d.drain_seconds)),
                    help="on SIGTERM, how long running requests may take to finish")
+    s.add_argument("--quantize", default=env("quantize", d.quantize), choices=["int8", "int8-dynamic", "int4"],
+                   help="quantize each model's weights at load: int8 per channel, int4 group-wise")
+    s.add_argument("--group-size", type=int, default=int(env("group_size", 0)) or None,
+                   help="int4: inputs per scale and zero point (32, 64 or 128; default 32)")
     s.add_argument("--threads", type=int, default=int(env("threads", d.threads)),
                    help="torch CPU threads of each model's engine process (0: PyTorch's default, one per core)")
     s.add_argument("--stream-interval", type=int, default=int(env("stream_interval", d.stream_interval)),
@@ -106,7 +110,7 @@ def cmd_serve(args) -> int:
     from pcgpt.serve.limits import raise_file_limit, uvicorn_options
     from pcgpt.serve.replica import DrainingServer, default_replica_id
     from pcgpt.serve.request_id import LogContext
-    from pcgpt.serve.server import create_app, start_engines
+    from pcgpt.serve.server import create_app, quantization_of, start_engines
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [%(replica)s %(request_id)s]: %(message)s")
@@ -123,6 +127,7 @@ def cmd_serve(args) -> int:
                           api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
                           max_prompt_chars=args.max_prompt_chars, cors_origins=args.cors_origin,
                           drain_seconds=args.drain_seconds, threads=args.threads, stream_interval=args.stream_interval,
+                          quantize=args.quantize, group_size=args.group_size,
                           log_level=args.log_level.lower(), cuda_graphs=args.cuda_graphs,
                           replica_id=args.replica_id, engine_watchdog_s=args.engine_watchdog_seconds,
                           max_engine_restarts=args.max_engine_restarts,
@@ -138,6 +143,7 @@ def cmd_serve(args) -> int:
                          "--engine-restart-backoff at least 0")
     # This process reads each checkpoint's config, tokenizer and tensor index (a bad one fails
     # here, at once); each model's engine process loads the weights.
+    quantization_of(config)  # a bad --quantize / --group-size pair fails here, before any process starts
     infos = {name: read_checkpoint_info(path) for name, path in config.models.items()}
     try:
         engines = start_engines(config, infos)

@@ -9,6 +9,8 @@ The numbers are those of the model as its config builds it (on the meta device: 
   parameters_non_embedding  the same without the position table (nanoGPT's convention)
   flops_per_token           forward FLOPs for one token attending to the full context
   kv_cache_bytes_per_token  K and V of every layer at the served dtype
+  weight_bytes              the weights as served: float ones at the served dtype (tied once),
+                            quantized ones (a quantized checkpoint) by their parts
 """
 
 import torch
@@ -33,6 +35,7 @@ def describe(info: CheckpointInfo, dtype: torch.dtype = torch.float32) -> dict:
         "flops_per_token": model.flops_per_token(),
         "dtype": str(dtype).removeprefix("torch."),
     }
+    card.update(_weights(model, info, dtype))
     if info.model_type == "pc":
         card["default_settle_steps"] = config.default_settle_steps
         card["max_settle_steps"] = config.max_settle_steps
@@ -41,3 +44,11 @@ def describe(info: CheckpointInfo, dtype: torch.dtype = torch.float32) -> dict:
         card["val_loss"] = metadata["eval"]["val_loss"]
     card.update({k: metadata[k] for k in ("training", "eval") if k in metadata})
     return card
+
+
+def _weights(model, info: CheckpointInfo, dtype) -> dict:
+    from pcgpt.model.checkpoint import checkpoint_quantization
+    from pcgpt.model.quantize import served_weight_bytes
+    quantization = checkpoint_quantization(info.metadata, info.path)
+    return {"quantization": quantization.name if quantization else None,
+            "weight_bytes": served_weight_bytes(model, quantization, dtype)}

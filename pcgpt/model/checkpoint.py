@@ -103,7 +103,13 @@ def read_checkpoint_info(path, meta_path=None) -> CheckpointInfo:
     """The checkpoint's format, model type, config, tokenizer and metadata, and its weight file's
     tensor names and shapes checked, without reading a weight (see the module docstring)."""
     info, weights, index = _read(Path(path), meta_path, _read_weight_index)
-    _check_state(weights, build_model(info.model_type, info.config, device="meta").state_dict(), index)
+    meta_model = build_model(info.model_type, info.config, device="meta")
+    quantization = checkpoint_quantization(info.metadata, info.path)
+    if quantization is not None:
+        from pcgpt.model.quantize import expected_quantized_state
+        _check_state(weights, expected_quantized_state(meta_model, quantization), index)
+    else:
+        _check_state(weights, meta_model.state_dict(), index)
     return info
 
 
@@ -111,6 +117,10 @@ def load_checkpoint(path, meta_path=None, device="cpu", dtype=None):
     """Returns (model, tokenizer, metadata); the model is in eval mode on `device`."""
     info, weights, state = _read(Path(path), meta_path, _read_weights)
     model = build_model(info.model_type, info.config)
+    quantization = checkpoint_quantization(info.metadata, info.path)
+    if quantization is not None:
+        _load_quantized(weights, model, state, quantization, device, dtype or torch.float32)
+        return model.eval(), info.tokenizer, info.metadata
     _load_state(weights, model, state)
     model.to(device=device, dtype=dtype or torch.float32).eval()
     return model, info.tokenizer, info.metadata
@@ -143,12 +153,21 @@ def _initialisers_skipped():
             setattr(torch.nn.init, n, fn)
 
 
-def load_for_inference(path, meta_path=None, device="cpu", dtype=None):
+def load_for_inference(path, meta_path=None, device="cpu", dtype=None, quantization=None):
     """load_checkpoint as serving, generation, evaluation and the benchmarks use it: no parameter
-    gradients (PC settling takes gradients w.r.t. its states only) and, on CPU, the [in, out]
-    weight format (pcgpt.model.formats: module swaps over the same Parameters)."""
+    gradients (PC settling takes gradients w.r.t. its states only), `quantization` (a
+    pcgpt.model.quantize.Quantization, or None) applied and, on CPU, the [in, out] weight format
+    for what stays float (pcgpt.model.formats: module swaps over the same Parameters)."""
     model, tokenizer, metadata = load_checkpoint(path, meta_path=meta_path, device=device, dtype=dtype)
     model.requires_grad_(False)
+    if quantization is not None:
+        stored = getattr(model, "quantization", None)
+        if stored is None:
+            from pcgpt.model.quantize import quantize
+            quantize(model, quantization)
+        elif stored != quantization:
+            raise CheckpointError(f"{path}: holds {stored.name} weights; --quantize {quantization.name} would "
+                                  f"quantize them again (leave --quantize out, or start from the float checkpoint)")
     to_inference_format(model)
     return model, tokenizer, metadata
 
@@ -182,6 +201,51 @@ def save_pcgpt(directory, model, tokenizer, metadata: dict | None = None) -> Pat
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def checkpoint_quantization(metadata: dict, path=""):
+    """The Quantization a pcgpt checkpoint's config.json names ("quantization"), or None."""
+    spec = metadata.get("quantization")
+    if spec is None:
+        return None
+    from pcgpt.model.quantize import Quantization
+    try:
+        return Quantization(spec["scheme"], spec.get("group_size", 32))
+    except (TypeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad \"quantization\" entry {spec!r} ({e})") from None
+
+
+def save_quantized(directory, model, tokenizer, metadata: dict | None = None) -> Path:
+    """save_pcgpt for a quantized model (pcgpt.model.quantize): model.safetensors holds the float
+    tensors and each quantized weight's parts (`<name>.weight.qdata`, `.scale`, `.zero`), and
+    config.json names the quantization, so loading packs the parts without quantizing again."""
+    from safetensors.torch import save_file
+    from pcgpt.model.quantize import quantized_state
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(quantized_state(model), str(directory / "model.safetensors"))
+    config = {
+        "format": FORMAT_MARKER,
+        "format_version": FORMAT_VERSION,
+        "model_type": model.model_type,
+        "model_args": model.config.to_dict(),
+        "tokenizer": tokenizer.to_spec(),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(metadata or {}),
+        "quantization": model.quantization.to_dict(),
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def _load_quantized(path: Path, model, state: dict, quantization, device, dtype) -> None:
+    from pcgpt.model.quantize import expected_quantized_state, load_quantized_state
+    _check_state(path, expected_quantized_state(model, quantization), state)
+    model.to(device=device, dtype=dtype)
+    try:
+        load_quantized_state(model, state, quantization, device, dtype)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------

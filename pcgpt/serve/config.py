@@ -48,6 +48,8 @@ class ServerConfig:
     max_prompt_chars: int = 100_000  # longer prompts (in characters, per prompt) get 400
     cors_origins: list[str] = field(default_factory=list)  # allowed browser origins; none by default
     drain_seconds: float = 30.0  # on SIGTERM, how long running requests may take to finish
+    quantize: str | None = None  # int8 or int4: weights quantized at load (pcgpt.model.quantize)
+    group_size: int | None = None  # int4: inputs per scale (default 32)
     threads: int = 0  # torch CPU threads of each engine process (0 = PyTorch's default)
     stream_interval: int = 1  # tokens per stream chunk while a request runs (the first goes at once); >1: less HTTP work per token
     log_level: str = "info"  # the server's and its engine processes' logging

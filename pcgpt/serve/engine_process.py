@@ -24,6 +24,7 @@ restarted with backoff.
 """
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -161,8 +162,11 @@ class RemoteEngine:
                  max_batch_size: int, max_queue: int, sampler_defaults: dict, stream_interval: int,
                  fault_injection: bool = False, log_level: str = "info", watchdog_s: float = 30.0,
                  max_restarts: int = 5, restart_backoff_s: float = 1.0,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, quantization=None):
         from pcgpt.model.device import resolve_device, resolve_dtype
+        if quantization is not None and "quantization" not in info.metadata:
+            # the model card describes the weights as served: quantized at load
+            info = dataclasses.replace(info, metadata={**info.metadata, "quantization": quantization.to_dict()})
         self.name = name
         self.info = info
         self.tokenizer = info.tokenizer
@@ -180,7 +184,7 @@ class RemoteEngine:
         self.spec = dict(name=name, path=info.path, device=device, dtype=dtype, threads=threads,
                          max_batch_size=max_batch_size, max_queue=max_queue, sampler_defaults=sampler_defaults,
                          stream_interval=stream_interval, fault_injection=fault_injection, log_level=log_level,
-                         heartbeat_s=heartbeat_s, cuda_graphs=cuda_graphs)
+                         heartbeat_s=heartbeat_s, cuda_graphs=cuda_graphs, quantization=quantization)
         self.dead: str | None = None  # why the engine is down, while it is
         self.gave_up = False  # down for good: max_restarts restarts in a row did not keep it up
         self.restarts = 0  # restarts since the server started
@@ -532,7 +536,10 @@ def engine_main(conn, spec: dict) -> None:
             torch.set_num_threads(spec["threads"])
         device = resolve_device(spec["device"])
         model, tokenizer, metadata = load_for_inference(spec["path"], device=device,
-                                                        dtype=resolve_dtype(spec["dtype"], device))
+                                                        dtype=resolve_dtype(spec["dtype"], device),
+                                                        quantization=spec["quantization"])
+        if spec["quantization"] is not None:
+            metadata = {**metadata, "quantization": spec["quantization"].to_dict()}
         metrics = Metrics()
         live: dict = {}  # key -> this process's copy of the request
 

@@ -105,6 +105,11 @@ def _is_type_tag(part) -> bool:
                                       or "[" in part or part.startswith(("function-", "constrained-")))
 
 
+def quantization_of(config: ServerConfig):
+    from pcgpt.model.quantize import Quantization
+    return Quantization.parse(config.quantize, config.group_size)
+
+
 def start_engines(config: ServerConfig, infos: dict) -> dict:
     """One engine process per model (`infos`: served name -> CheckpointInfo, read without the
     weights), all loading their checkpoints side by side; returns when every one is ready. If one
@@ -118,7 +123,8 @@ def start_engines(config: ServerConfig, infos: dict) -> dict:
                                   stream_interval=config.stream_interval, fault_injection=fault_injection,
                                   log_level=config.log_level, watchdog_s=config.engine_watchdog_s,
                                   max_restarts=config.max_engine_restarts,
-                                  restart_backoff_s=config.engine_restart_backoff_s, cuda_graphs=config.cuda_graphs)
+                                  restart_backoff_s=config.engine_restart_backoff_s, cuda_graphs=config.cuda_graphs,
+                                  quantization=quantization_of(config))
                for name, info in infos.items()}
     try:
         for engine in engines.values():
