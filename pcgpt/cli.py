@@ -192,6 +192,9 @@ def is_usage_error(e: Exception) -> bool:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # inference commands turn autograd off; a caller that runs main() in its own process (the
+    # tests, a notebook) gets its mode back
+    grad_before = sys.modules["torch"].is_grad_enabled() if "torch" in sys.modules else True
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -201,6 +204,9 @@ def main(argv=None) -> int:
             raise
         print(f"pcgpt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_grad_enabled(grad_before)
 
 
 if __name__ == "__main__":

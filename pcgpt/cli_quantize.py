@@ -22,12 +22,16 @@ def register(sub) -> None:
 
 def cmd_quantize(args) -> int:
     import torch
+    with torch.no_grad():  # not set_grad_enabled(False): main() may run inside a longer-lived process
+        return _quantize(args)
+
+
+def _quantize(args) -> int:
     from pcgpt.model.checkpoint import load_checkpoint, save_quantized
     from pcgpt.model.quantize import Quantization, quantize, weight_bytes
     quantization = Quantization.parse(args.quantize, args.group_size)
     if quantization is None:
         raise ValueError("--quantize is required (int8 or int4)")
-    torch.set_grad_enabled(False)
     model, tokenizer, metadata = load_checkpoint(args.src, meta_path=args.meta)
     if getattr(model, "quantization", None) is not None:
         raise ValueError(f"{args.src} is already quantized ({model.quantization.name})")
