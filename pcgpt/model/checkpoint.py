@@ -183,11 +183,15 @@ def _ordinary_file_mode(path: Path) -> None:
 def save_pcgpt(directory, model, tokenizer, metadata: dict | None = None) -> Path:
     """Writes a pcgpt directory: config.json (format, model type and args, tokenizer, metadata)
     and model.safetensors. The tied lm_head is stored once, as transformer.wte.weight."""
+    state = {k: v.detach().to("cpu", torch.float32).contiguous()
+             for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return _write_pcgpt(directory, state, model, tokenizer, metadata or {})
+
+
+def _write_pcgpt(directory, state: dict, model, tokenizer, metadata: dict) -> Path:
     from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous()
-             for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(directory / "model.safetensors"))
     _ordinary_file_mode(directory / "model.safetensors")
     config = {
@@ -197,7 +201,7 @@ def save_pcgpt(directory, model, tokenizer, metadata: dict | None = None) -> Pat
         "model_args": model.config.to_dict(),
         "tokenizer": tokenizer.to_spec(),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **(metadata or {}),
+        **metadata,
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
@@ -219,23 +223,9 @@ def save_quantized(directory, model, tokenizer, metadata: dict | None = None) ->
     """save_pcgpt for a quantized model (pcgpt.model.quantize): model.safetensors holds the float
     tensors and each quantized weight's parts (`<name>.weight.qdata`, `.scale`, `.zero`), and
     config.json names the quantization, so loading packs the parts without quantizing again."""
-    from safetensors.torch import save_file
     from pcgpt.model.quantize import quantized_state
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(quantized_state(model), str(directory / "model.safetensors"))
-    config = {
-        "format": FORMAT_MARKER,
-        "format_version": FORMAT_VERSION,
-        "model_type": model.model_type,
-        "model_args": model.config.to_dict(),
-        "tokenizer": tokenizer.to_spec(),
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **(metadata or {}),
-        "quantization": model.quantization.to_dict(),
-    }
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return directory
+    return _write_pcgpt(directory, quantized_state(model), model, tokenizer,
+                        {**(metadata or {}), "quantization": model.quantization.to_dict()})
 
 
 def _load_quantized(path: Path, model, state: dict, quantization, device, dtype) -> None:
