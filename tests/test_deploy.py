@@ -149,9 +149,9 @@ def test_dashboard_json_is_consistent(stack):
     model = variables["model"]
     assert model["datasource"]["uid"] == uid and model["multi"] and model["includeAll"]
     assert model["query"]["query"] == model["definition"] == "label_values(pcgpt_model_info, model)"
-    # each query filters by the model variable, except the process-wide memory series
+    # each query filters by the model variable, except the process-wide series (memory, scrapes)
     for p, t in dashboard_targets(dashboard):
-        assert "$model" in t["expr"] or "pcgpt_process_" in t["expr"], (p["title"], t["expr"])
+        assert "$model" in t["expr"] or re.search(r"pcgpt_(process_|metrics_snapshots)", t["expr"]), (p["title"], t["expr"])
 
     # every metric the dashboard names is exported, and every exported family is on the dashboard
     text = stack["metrics_text"]
