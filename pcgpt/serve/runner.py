@@ -84,7 +84,6 @@ class ModelRunner:
         # fraction; 0 for the others, which then settle as asked (an entropy is never below 0)
         self.settle_threshold = torch.zeros(n, dtype=torch.float32, device=dev)
         self.settle_early_stop = torch.zeros(n, dtype=torch.float32, device=dev)
-        self.auto_host = [False] * n
         self._plans: dict = {}  # what a step over given rows samples and sends back; reset on admission/release
         self._admission = None  # the last admission's packed rows on the device, and each slot's row there
         self._prompts: dict[int, torch.Tensor] = {}  # slot -> its prompt (a view of the admission's copy)
@@ -114,13 +113,15 @@ class ModelRunner:
         slots = rows[:, 0].long()
         self.settle_threshold.index_copy_(0, slots, rows[:, 1].float())
         self.settle_early_stop.index_copy_(0, slots, rows[:, 2].float())
-        for s in auto:
-            self.auto_host[s.slot] = True
+
+    def is_adaptive(self, slot: int) -> bool:
+        r = self.requests[slot]
+        return self.is_pc and r is not None and r.settle_auto
 
     def adaptive(self, slots, rows):
         """decode_step's `adaptive` for the batch rows `rows` (slots `slots` on the host): None
         unless one of them settles adaptively."""
-        if not any(self.auto_host[s] for s in slots):
+        if not any(self.is_adaptive(s) for s in slots):
             return None
         return {"settle_threshold": self.settle_threshold[rows], "early_stop": self.settle_early_stop[rows]}
 
@@ -160,14 +161,13 @@ class ModelRunner:
 
     def release(self, slot: int) -> None:
         """A slot is free: it becomes a padding row (token 0 at position 0, no settling)."""
+        if self.is_adaptive(slot):  # a later request in this slot must not inherit its threshold
+            self.settle_threshold[slot].zero_()
+            self.settle_early_stop[slot].zero_()
         self.requests[slot] = self.generators[slot] = None
         self._prompts.pop(slot, None)
         for t in (self.active, self.positions, self.settle, self.last_tokens):
             t[slot].zero_()
-        if self.auto_host[slot]:
-            self.auto_host[slot] = False
-            self.settle_threshold[slot].zero_()
-            self.settle_early_stop[slot].zero_()
         self._plans.clear()
 
     # --- forwards --------------------------------------------------------------------------------
@@ -192,8 +192,9 @@ class ModelRunner:
     def decode(self, n_rows: int, kv_len: int) -> StepResult:
         """One decode step over slots [0, n_rows): the running rows' next tokens."""
         rows = slice(0, n_rows)
-        max_settle = self._plan(rows, range(n_rows))["max_settle"]
-        adaptive = self.adaptive(range(n_rows), rows)
+        plan = self._plan(rows, range(n_rows))
+        max_settle = plan["max_settle"]
+        adaptive = self.adaptive(range(n_rows), rows) if plan["adaptive"] else None
         if self.graphs is not None and not max_settle and adaptive is None:  # settling is data-dependent: eager
             logits, stats = self.graphs.replay(n_rows)
         else:
@@ -274,6 +275,7 @@ class ModelRunner:
             "error_driven_stats": error_driven and uncertainty,
             # PC: the most settle steps a row asks for (0: the unsettled path, without a device read)
             "max_settle": max((self.settle_of(r) for r in running), default=0) if self.is_pc else None,
+            "adaptive": self.is_pc and any(r.settle_auto for r in running),
         }
         return plan
 
