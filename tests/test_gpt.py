@@ -11,7 +11,8 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pcgpt.model.checkpoint import load_checkpoint
-from pcgpt.model.formats import FORMATS, PrepackedLinear, default_formats, onednn_bf16_available, to_inference_format
+from pcgpt.model.formats import (FORMATS, PREPACK_MIN_BYTES, PrepackedLinear, RowsLinear, default_formats,
+                                 onednn_bf16_available, to_inference_format)
 from pcgpt.model.generate import KV_LEN_BUCKET, decode_step, generate, kv_len_bucket, prefill, prefill_batch
 from pcgpt.model.gpt import GPT, PRESETS, KVCache, preset_config
 from pcgpt.model.hugepages import HUGE_PAGE, huge_pages_available
@@ -179,7 +180,7 @@ def test_generate_greedy_equals_uncached_argmax():
     assert tokens == seq[len(prompt):]
 
 
-FP32_FORMATS = [name for name in FORMATS if name != "prepacked"]
+FP32_FORMATS = list(FORMATS)
 
 
 def cached_logits(model, seq, extra):
@@ -230,8 +231,30 @@ def test_rows_format_stores_fp32_matrices_in_out():
     w = served.transformer.h[0].mlp.c_fc.weight
     assert w.shape == (128, 32) and not w.is_contiguous() and w.t().is_contiguous()
     assert served.lm_head.weight.t().is_contiguous()
-    assert default_formats(random_gpt()) == default_formats(served)  # by device and dtype only
-    assert "rows" in default_formats(random_gpt())
+    assert default_formats(random_gpt()) == default_formats(served) == ("fp32_by_size",)  # by device and dtype only
+
+
+@torch.no_grad()
+def test_fp32_format_prepacks_large_weights_and_stores_small_ones_in_out():
+    """fp32 serving picks each Linear's kernel by its weight's size: oneDNN-prepacked from
+    PREPACK_MIN_BYTES up (streamed on every thread), [in, out] below (oneDNN's per-call set-up
+    would cost more); the logits stay the plain model's, full and cached."""
+    torch.manual_seed(4)
+    config = preset_config("tiny", n_layer=1, n_head=4, n_embd=256, vocab_size=1100, block_size=64)
+    model = GPT(config).eval()
+    served = to_inference_format(copy.deepcopy(model))
+    block = served.transformer.h[0]
+    assert block.mlp.c_fc.weight.nbytes == PREPACK_MIN_BYTES and served.lm_head.weight.nbytes > PREPACK_MIN_BYTES
+    assert isinstance(block.mlp.c_fc, PrepackedLinear) and isinstance(block.mlp.c_proj, PrepackedLinear)
+    assert isinstance(served.lm_head, PrepackedLinear)
+    assert isinstance(block.attn.c_attn, RowsLinear) and isinstance(block.attn.c_proj, RowsLinear)
+    assert served.lm_head.weight is served.transformer.wte.weight
+    assert served.weight_bytes() == model.weight_bytes() + sum(
+        m.weight.nbytes for m in served.modules() if isinstance(m, PrepackedLinear))
+    seq = [5, 1, 7, 2, 9, 4, 4, 8]
+    torch.testing.assert_close(served(torch.tensor([seq])), model(torch.tensor([seq])), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(cached_logits(served, seq, [3, 6]), cached_logits(model, seq, [3, 6]),
+                               atol=ATOL, rtol=RTOL)
 
 
 def mapping_flags(tensor) -> set[str]:

@@ -40,16 +40,22 @@ def onednn_bf16_available() -> bool:
 
 
 class PrepackedLinear(nn.Linear):
-    """An nn.Linear for bf16 inference on CPU: the same weight and bias Parameters plus a copy of
-    the weight prepacked in oneDNN's blocked layout, which its AMX / AVX512-BF16 kernels read at
-    close to memory speed (the copy costs the weight's bytes again; extra_weight_bytes counts it).
-    Calls that build a graph through the input (PC settling differentiates through the blocks) take
-    F.linear: the prepacked kernel has no backward."""
+    """An nn.Linear for CPU inference: the same weight and bias Parameters plus a copy of the
+    weight prepacked in oneDNN's blocked layout, which its kernels (AMX / AVX512-BF16 for bf16,
+    AVX512 / AVX2 for fp32) read at close to memory speed on every thread, where ATen's fp32 GEMM
+    with a few rows streams a large weight on one (the copy costs the weight's bytes again;
+    extra_weight_bytes counts it). Calls that build a graph through the input (PC settling
+    differentiates through the blocks) take F.linear: the prepacked kernel has no backward."""
+
+    # the batch size oneDNN packs for: any batch runs on either packing; these ran fastest over
+    # batches 1-16 of a decode step (bf16 does not care)
+    BATCH_HINT = {torch.float32: 16, torch.bfloat16: 1}
 
     @classmethod
     def wrap(cls, linear: nn.Linear) -> "PrepackedLinear":
         module = _same_parameters(cls, linear)
-        module.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), 1)
+        weight = linear.weight.detach().contiguous()
+        module.packed = torch.ops.mkldnn._reorder_linear_weight(weight, cls.BATCH_HINT.get(weight.dtype, 1))
         module.extra_weight_bytes = linear.weight.numel() * linear.weight.element_size()
         return module
 
@@ -57,6 +63,19 @@ class PrepackedLinear(nn.Linear):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+# Below this size a weight stays in cache between steps and oneDNN's per-call set-up costs more
+# than the stream it speeds up (the char models' Linears); above it, prepacked fp32 pays.
+PREPACK_MIN_BYTES = 1 << 20
+
+
+def fp32_by_size(linear: nn.Linear) -> nn.Linear:
+    """The fp32 format of one Linear, chosen by its weight's size: prepacked for oneDNN where the
+    weight is large and oneDNN is there, stored [in, out] (RowsLinear) otherwise."""
+    if torch.backends.mkldnn.is_available() and linear.weight.nbytes >= PREPACK_MIN_BYTES:
+        return PrepackedLinear.wrap(linear)
+    return RowsLinear.wrap(linear)
 
 
 def _same_parameters(cls, linear: nn.Linear):
@@ -84,7 +103,7 @@ def default_formats(model: nn.Module) -> tuple[str, ...]:
     if weight.device.type != "cpu":
         return ()
     if weight.dtype == torch.float32:
-        return ("rows",)
+        return ("fp32_by_size",)
     if weight.dtype == torch.bfloat16 and onednn_bf16_available():
         return ("prepacked",)
     return ()
@@ -94,6 +113,7 @@ FORMATS = {
     "rows": (nn.Linear, RowsLinear.wrap),
     "rows_plain": (nn.Linear, lambda m: RowsLinear.wrap(m, huge_pages=False)),
     "prepacked": (nn.Linear, PrepackedLinear.wrap),
+    "fp32_by_size": (nn.Linear, fp32_by_size),
 }
 
 
