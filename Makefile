@@ -51,9 +51,12 @@ bench: $(DEV_STAMP)
 # pcgpt against llama.cpp (bench/llamacpp.py): builds llama.cpp from the llama-cpp-python sdist
 # into .cache/llamacpp/ once (cmake and g++ from Debian if missing); `make test` does not need it.
 bench-llamacpp: $(DEV_STAMP)
-	command -v cmake >/dev/null && command -v g++ >/dev/null || \
-		(apt-get update && apt-get install -y --no-install-recommends cmake g++)
+	command -v cmake >/dev/null && command -v g++ >/dev/null && command -v perf >/dev/null || \
+		(apt-get update && apt-get install -y --no-install-recommends cmake g++ linux-perf)
 	nice -n 10 $(BIN)/python -m bench.llamacpp
+	nice -n 10 $(BIN)/python -m bench.llamacpp --types q4_0 --batches 1,4 --new-tokens 32 \
+		--out bench/results/llamacpp_q4.json
+	nice -n 10 $(BIN)/python -m bench.llamacpp_profile
 
 clean:
 	rm -rf $(VENV)

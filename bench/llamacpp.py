@@ -16,7 +16,9 @@
    tokens/s) at fp32 / bf16 / int8-dynamic / int4 (group 32), facing f32 / f16 and bf16 / q8_0 /
    q4_0, the methods interleaved in each repeat.
    Then a contended column at batch 1: the same with two busy loops on the machine.
-Writes bench/results/llamacpp.json. `make test` does not use any of this.
+Writes bench/results/llamacpp.json (--out). `make bench-llamacpp` runs it for f32 / f16 / bf16 /
+q8_0, again for q4_0 at batch 1 and 4 (into llamacpp_q4.json), then bench.llamacpp_profile.
+`make test` does not use any of this.
 """
 
 import argparse
@@ -159,7 +161,10 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--types", default=",".join(GGUF_TYPES))
+    # q4_0 faces pcgpt's int4, ~20x slower per step here (BENCHMARKS.md): a run of its own, with
+    # fewer batches and tokens (the Makefile's second command)
+    p.add_argument("--types", default="f32,f16,bf16,q8_0", help=f"some of {','.join(GGUF_TYPES)}")
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--build-only", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "llamacpp.json"))
     args = p.parse_args(argv)
@@ -169,22 +174,23 @@ def main(argv=None):
         return
     set_threads(args.threads)
     kinds = args.types.split(",")
+    batches = tuple(int(b) for b in args.batches.split(","))
     for kind in kinds:
         gguf(kind)
     ours = {fmt: load_ours(fmt) for fmt in dict.fromkeys(OURS_FOR[k] for k in kinds)}
     for model in ours.values():  # warm-up: first-call paths
         run_ours(model, 1, 4, 2)
-    llama = {k: {b: [] for b in BATCHES} for k in kinds}
-    mine = {f: {b: [] for b in BATCHES} for f in ours}
+    llama = {k: {b: [] for b in batches} for k in kinds}
+    mine = {f: {b: [] for b in batches} for f in ours}
     for r in range(args.repeats):
         for kind in kinds:
-            for b, v in run_llamacpp(kind, args.threads, args.prompt, args.new_tokens).items():
+            for b, v in run_llamacpp(kind, args.threads, args.prompt, args.new_tokens, batches).items():
                 llama[kind][b].append(v)
-            log(f"repeat {r} llama.cpp {kind}: {[llama[kind][b][-1] for b in BATCHES]}")
+            log(f"repeat {r} llama.cpp {kind}: {[llama[kind][b][-1] for b in batches]}")
         for fmt, model in ours.items():
-            for b in BATCHES:
+            for b in batches:
                 mine[fmt][b].append(run_ours(model, b, args.prompt, args.new_tokens))
-            log(f"repeat {r} pcgpt {fmt}: {[mine[fmt][b][-1] for b in BATCHES]}")
+            log(f"repeat {r} pcgpt {fmt}: {[mine[fmt][b][-1] for b in batches]}")
     # contended: two busy loops beside a batch-1 run of each
     busy = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(2)]
     for proc in busy:
@@ -201,12 +207,12 @@ def main(argv=None):
     summary = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "all": xs}
     result = {"machine": machine(), "threads": args.threads, "prompt": args.prompt, "new_tokens": args.new_tokens,
               "repeats": args.repeats, "llama_cpp": info,
-              "command": "make bench-llamacpp",
+              "command": " ".join(["python -m bench.llamacpp", *(sys.argv[1:] if argv is None else argv)]),
               "llama_cpp_tok_s": {k: {b: summary(v) for b, v in d.items()} for k, d in llama.items()},
               "pcgpt_tok_s": {f: {b: summary(v) for b, v in d.items()} for f, d in mine.items()},
               "contended_batch1_tok_s": contended}
     Path(args.out).write_text(json.dumps(result, indent=2))
-    for b in BATCHES:
+    for b in batches:
         cells = [f"pcgpt {f} {statistics.median(mine[f][b]):.0f}" for f in ours] + \
                 [f"llama.cpp {k} {statistics.median(llama[k][b]):.0f}" for k in kinds]
         print(f"batch {b}: " + ", ".join(cells))
