@@ -8,6 +8,8 @@ GPT-2 124M shape (bench.llamacpp's random weights). Three ways to run one decode
   compiled     torch.compile(step), inductor defaults, frozen weights (inductor's freezing)
   autotuned    mode="max-autotune": inductor also times its own C++ GEMM templates against
                oneDNN / MKL per matmul shape and keeps the fastest
+  autotuned-dynamic  the same with dynamic=True: one graph for every batch size and window, as a
+               server with continuous batching would need (the others compile per shape)
 The compiled ones start from the plain nn.Linear model (inductor packs weights itself). Each is
 compiled for each batch size first (the seconds this takes are reported), then the ways are timed
 interleaved: median ms per step over --steps steps, --repeats times.
@@ -43,7 +45,8 @@ def make_step(model, how: str):
         return decode_step(model, tokens, pos, cache, kv_len=WINDOW)[0]
     if how == "eager":
         return step
-    return torch.compile(step, mode="max-autotune" if how == "autotuned" else None, dynamic=False)
+    return torch.compile(step, mode="max-autotune" if how.startswith("autotuned") else None,
+                         dynamic=how.endswith("dynamic"))
 
 
 @torch.no_grad()

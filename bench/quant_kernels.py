@@ -5,8 +5,12 @@ c_proj (768x768), c_fc (768x3072), mlp c_proj (3072x768) and the head (768x50257
 separate weight (main memory, not cache). For M = 1, 4, 16 rows it times the pass in each format,
 the formats interleaved in each repeat, and gives ms per pass and the weight bytes read per second:
 
-  fp32        F.linear over the [in, out] layout pcgpt serves fp32 in (formats.RowsLinear)
+  fp32        F.linear over the [in, out] layout (formats.RowsLinear: what pcgpt serves fp32
+              weights under 1 MiB in)
+  fp32pk      the weights prepacked for oneDNN (formats.PrepackedLinear: fp32 weights of 1 MiB
+              and up, as pcgpt serves them)
   bf16        F.linear, bf16 weights and activations (oneDNN)
+  bf16pk      bf16 prepacked for oneDNN (formats.PrepackedLinear, as `--dtype bfloat16` serves)
   int8        pcgpt --quantize int8: QuantizedLinear, which takes int8pack up to
               quantize.INT8PACK_MAX_ROWS rows and int8ao beyond
   int8ao      torchao's Int8Tensor path alone (it converts the int8 weight to the activation
@@ -23,6 +27,7 @@ the formats interleaved in each repeat, and gives ms per pass and the weight byt
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -30,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.common import RESULTS, machine
-from pcgpt.model.formats import RowsLinear
+from pcgpt.model.formats import PrepackedLinear, RowsLinear
 from pcgpt.model.quantize import Quantization, QuantizedLinear, tensor_bytes
 
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12 + [(768, 50257)]
@@ -43,8 +48,12 @@ def layers(fmt: str):
         lin = nn.Linear(k, n, bias=False).requires_grad_(False)
         if fmt == "fp32":
             out.append(RowsLinear.wrap(lin))
+        elif fmt == "fp32pk":
+            out.append(PrepackedLinear.wrap(lin))
         elif fmt == "bf16":
             out.append(lin.to(torch.bfloat16))
+        elif fmt == "bf16pk":
+            out.append(PrepackedLinear.wrap(lin.to(torch.bfloat16)))
         elif fmt in ("int8", "int8ao"):
             out.append(QuantizedLinear.wrap(lin, Quantization("int8")))
         elif fmt == "int4":
@@ -68,7 +77,7 @@ def weights_pass(fmt, mods, x):
         for (q, scale), (k, n) in zip(mods, SHAPES):
             torch._weight_int8pack_mm(x[:, :k], q, scale)
         return
-    xx = x.to(torch.bfloat16) if fmt == "bf16" else x
+    xx = x.to(torch.bfloat16) if fmt.startswith("bf16") else x
     for m, (k, n) in zip(mods, SHAPES):
         if fmt == "int8ao":
             F.linear(xx[:, :k], m.weight)
@@ -112,7 +121,8 @@ def main(argv=None):
                          "ms_max": max(times[f]) * 1e3, "weight_bytes": sizes[f], "GBps_median": sizes[f] / med / 1e9})
             print(json.dumps(rows[-1]), flush=True)
     result = {"machine": machine(), "threads": args.threads, "repeats": args.repeats,
-              "command": f"python -m bench.quant_kernels --threads {args.threads}", "rows": rows}
+              "command": " ".join(["python -m bench.quant_kernels", *(sys.argv[1:] if argv is None else argv)]),
+              "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 
