@@ -4,9 +4,15 @@
 import json
 
 
+# what each scheme does, and what it buys on a CPU (BENCHMARKS.md, "CPU: pcgpt vs llama.cpp")
+QUANTIZE_HELP = ("int8: per-channel weights (saves memory; on CPU often slower than fp32); int8-dynamic: int8 "
+                 "weights and activations (the fast CPU path); int4: group-wise weights (saves memory; on CPU "
+                 "much slower)")
+
+
 def quantize_args(p) -> None:
     p.add_argument("--quantize", choices=["int8", "int8-dynamic", "int4"], default=None,
-                   help="quantize the weights at load: int8 per channel, int8-dynamic (int8 weights and activations), int4 group-wise")
+                   help=f"quantize the weights at load. {QUANTIZE_HELP}")
     p.add_argument("--group-size", type=int, default=None,
                    help="int4: inputs per scale and zero point (32, 64 or 128; default 32)")
 

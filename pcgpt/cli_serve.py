@@ -11,6 +11,7 @@ from pcgpt import cli_args
 
 
 def register(sub, model_args, env):
+    from pcgpt.cli_quantize import QUANTIZE_HELP
     from pcgpt.serve.config import ServerConfig
     d = ServerConfig()
     lim = d.connection_limits
@@ -41,7 +42,7 @@ def register(sub, model_args, env):
     s.add_argument("--drain-seconds", type=float, default=float(env("drain_seconds", d.drain_seconds)),
                    help="on SIGTERM, how long running requests may take to finish")
     s.add_argument("--quantize", default=env("quantize", d.quantize), choices=["int8", "int8-dynamic", "int4"],
-                   help="quantize each model's weights at load: int8 per channel, int4 group-wise")
+                   help=f"quantize each model's weights at load. {QUANTIZE_HELP}")
     s.add_argument("--group-size", type=int, default=int(env("group_size", 0)) or None,
                    help="int4: inputs per scale and zero point (32, 64 or 128; default 32)")
     s.add_argument("--threads", type=int, default=int(env("threads", d.threads)),
