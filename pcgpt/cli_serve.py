@@ -53,6 +53,10 @@ def register(sub, model_args, env):
                    default=env("cuda_graphs", "1") not in ("0", "false", "no"),
                    help="on CUDA, capture the decode step as CUDA graphs at start, one per batch-size bucket "
                         "(--no-cuda-graphs: launch it eagerly; no effect on CPU)")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   default=env("compile", "0") not in ("0", "false", "no"),
+                   help="on CPU, compile the batch-1 decode step with torch.compile at start (tens of seconds "
+                        "per model; faster single-stream decoding); float GPT models only, others run eagerly")
     s.add_argument("--log-level", default=env("log_level", "info"), type=str.lower,
                    choices=["critical", "error", "warning", "info", "debug"], help="the server's logging")
     s.add_argument("--replica-id", default=env("replica_id", d.replica_id),
@@ -129,7 +133,7 @@ def cmd_serve(args) -> int:
                           max_prompt_chars=args.max_prompt_chars, cors_origins=args.cors_origin,
                           drain_seconds=args.drain_seconds, threads=args.threads, stream_interval=args.stream_interval,
                           quantize=args.quantize, group_size=args.group_size,
-                          log_level=args.log_level.lower(), cuda_graphs=args.cuda_graphs,
+                          log_level=args.log_level.lower(), cuda_graphs=args.cuda_graphs, compile=args.compile,
                           replica_id=args.replica_id, engine_watchdog_s=args.engine_watchdog_seconds,
                           max_engine_restarts=args.max_engine_restarts,
                           engine_restart_backoff_s=args.engine_restart_backoff,

@@ -8,6 +8,7 @@ plain modules.
 """
 
 import contextlib
+import copy
 
 import torch
 import torch.nn as nn
@@ -139,6 +140,16 @@ def _onednn_dispatch_off():
         yield
     finally:
         torch.backends.mkldnn.enabled = saved
+
+
+def plain_view(module: nn.Module) -> nn.Module:
+    """A second module tree over the same Parameters and buffers in which every weight format is
+    a plain nn.Linear again (what torch.compile's own kernels start from); `module` is unchanged."""
+    if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+        return _same_parameters(nn.Linear, module)
+    view = copy.copy(module)
+    view._modules = {name: None if child is None else plain_view(child) for name, child in module._modules.items()}
+    return view
 
 
 @torch.no_grad()

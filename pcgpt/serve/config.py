@@ -54,6 +54,7 @@ class ServerConfig:
     stream_interval: int = 1  # tokens per stream chunk while a request runs (the first goes at once); >1: less HTTP work per token
     log_level: str = "info"  # the server's and its engine processes' logging
     cuda_graphs: bool = True  # on CUDA, replay the decode step from graphs captured at start (serve/cuda_graphs.py)
+    compile: bool = False  # on CPU, a torch.compile'd batch-1 decode step (serve/compiled_step.py)
     replica_id: str = ""  # this replica's name in metrics (label `replica`) and log lines; "" = hostname:port
     engine_watchdog_s: float = 30.0  # an engine with work and no step for this long is hung: killed, then restarted
     max_engine_restarts: int = 5  # restarts in a row before a model stays down (and /health fails)

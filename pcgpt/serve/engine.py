@@ -19,6 +19,7 @@ import time
 import torch
 
 from pcgpt.model.formats import inference_kernels
+from pcgpt.serve.compiled_step import compile_supported
 from pcgpt.serve.output import OutputProcessor
 from pcgpt.serve.request import DoneEvent, ErrorEvent, Request, TokenEvent, deliver_to_loops  # noqa: F401  (the API)
 from pcgpt.serve.runner import ModelRunner, StepResult
@@ -31,7 +32,7 @@ log = logging.getLogger("pcgpt.engine")
 class Engine:
     def __init__(self, name: str, model, tokenizer, metrics=None, max_batch_size: int = 16,
                  max_queue: int = 64, sampler_defaults: dict | None = None, max_prefill_tokens: int = MAX_PREFILL_TOKENS,
-                 stream_interval: int = 1, deliver=None, cuda_graphs: bool = False):
+                 stream_interval: int = 1, deliver=None, cuda_graphs: bool = False, compile_decode: bool = False):
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -48,10 +49,14 @@ class Engine:
         self.scheduler = Scheduler(name, max_batch_size, max_queue, max_prefill_tokens)
         started = time.perf_counter()
         self.runner = ModelRunner(model, self.vocab, max_batch_size, stats_every_step=metrics is not None,
-                                  cuda_graphs=cuda_graphs)
+                                  cuda_graphs=cuda_graphs, compile_decode=compile_decode)
         if self.runner.graphs is not None:
             log.info("%s: captured the decode step's CUDA graphs for batch sizes %s in %.1f s", name,
                      self.runner.graphs.buckets, time.perf_counter() - started)
+        if self.runner.compiled is not None:
+            log.info("%s: compiled the batch-1 decode step in %.1f s", name, self.runner.compiled.compile_seconds)
+        elif compile_decode:
+            log.info("%s: --compile does not apply: %s", name, compile_supported(model))
         self._children: dict = {}  # metrics series -> this model's labelled child (_series)
         self.output = OutputProcessor(tokenizer, self.block_size, stream_interval, self._emit,
                                       self._series if metrics else None)

@@ -162,7 +162,7 @@ class RemoteEngine:
                  max_batch_size: int, max_queue: int, sampler_defaults: dict, stream_interval: int,
                  fault_injection: bool = False, log_level: str = "info", watchdog_s: float = 30.0,
                  max_restarts: int = 5, restart_backoff_s: float = 1.0,
-                 cuda_graphs: bool = True, quantization=None):
+                 cuda_graphs: bool = True, compile_decode: bool = False, quantization=None):
         from pcgpt.model.device import resolve_device, resolve_dtype
         if quantization is not None and "quantization" not in info.metadata:
             # the model card describes the weights as served: quantized at load
@@ -184,7 +184,8 @@ class RemoteEngine:
         self.spec = dict(name=name, path=info.path, device=device, dtype=dtype, threads=threads,
                          max_batch_size=max_batch_size, max_queue=max_queue, sampler_defaults=sampler_defaults,
                          stream_interval=stream_interval, fault_injection=fault_injection, log_level=log_level,
-                         heartbeat_s=heartbeat_s, cuda_graphs=cuda_graphs, quantization=quantization)
+                         heartbeat_s=heartbeat_s, cuda_graphs=cuda_graphs, compile_decode=compile_decode,
+                         quantization=quantization)
         self.dead: str | None = None  # why the engine is down, while it is
         self.gave_up = False  # down for good: max_restarts restarts in a row did not keep it up
         self.restarts = 0  # restarts since the server started
@@ -551,7 +552,8 @@ def engine_main(conn, spec: dict) -> None:
 
         engine = Engine(spec["name"], model, tokenizer, metrics, max_batch_size=spec["max_batch_size"],
                         max_queue=spec["max_queue"], sampler_defaults=spec["sampler_defaults"],
-                        stream_interval=spec["stream_interval"], deliver=deliver, cuda_graphs=spec["cuda_graphs"])
+                        stream_interval=spec["stream_interval"], deliver=deliver, cuda_graphs=spec["cuda_graphs"],
+                        compile_decode=spec["compile_decode"])
         if spec["fault_injection"]:
             install_fault_injection(engine)
         metrics.register_model(spec["name"], model_card(spec["name"], engine, metadata))

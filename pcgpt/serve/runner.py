@@ -22,6 +22,7 @@ import torch
 from pcgpt.model.generate import decode_step, prefill, prefill_batch
 from pcgpt.model.sampling import (BatchSampling, ErrorDrivenState, apply_penalties, make_generator, sample_from_logits,
                                   token_stats, top_logprobs, write_rows)
+from pcgpt.serve.compiled_step import CompiledDecode, compile_supported
 from pcgpt.serve.cuda_graphs import DecodeGraphs
 from pcgpt.serve.request import Request
 
@@ -55,7 +56,8 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model, vocab: int, n_slots: int, stats_every_step: bool = False, cuda_graphs: bool = False):
+    def __init__(self, model, vocab: int, n_slots: int, stats_every_step: bool = False, cuda_graphs: bool = False,
+                 compile_decode: bool = False):
         self.model = model
         self.vocab = vocab  # the tokenizer's: logits past it (nanoGPT pads 50257 to 50304) are dropped
         self.device = model.lm_head.weight.device
@@ -93,6 +95,11 @@ class ModelRunner:
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(model, self.cache, self.last_tokens, self.positions,
                                        self.settle if self.is_pc else None)
+        # CPU: the batch-1 step compiled here, at start (serve/compiled_step.py); None where it is
+        # off or does not apply (compile_supported says why)
+        self.compiled = None
+        if compile_decode and compile_supported(model) is None:
+            self.compiled = CompiledDecode(model, self.cache)
 
     # --- admission and release -------------------------------------------------------------------
 
@@ -197,6 +204,8 @@ class ModelRunner:
         adaptive = self.adaptive(range(n_rows), rows) if plan["adaptive"] else None
         if self.graphs is not None and not max_settle and adaptive is None:  # settling is data-dependent: eager
             logits, stats = self.graphs.replay(n_rows)
+        elif self.compiled is not None and n_rows == 1:  # it pays at one row only
+            logits, stats = self.compiled(self.last_tokens[rows], self.positions[rows], kv_len)
         else:
             logits, stats = decode_step(self.model, self.last_tokens[rows], self.positions[rows], self.cache,
                                         self.settle[rows] if self.is_pc else None, kv_len=kv_len,

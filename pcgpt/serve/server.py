@@ -124,6 +124,7 @@ def start_engines(config: ServerConfig, infos: dict) -> dict:
                                   log_level=config.log_level, watchdog_s=config.engine_watchdog_s,
                                   max_restarts=config.max_engine_restarts,
                                   restart_backoff_s=config.engine_restart_backoff_s, cuda_graphs=config.cuda_graphs,
+                                  compile_decode=config.compile,
                                   quantization=quantization_of(config))
                for name, info in infos.items()}
     try:
