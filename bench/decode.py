@@ -30,18 +30,22 @@ from pcgpt.model.sampling import BatchSampling, SamplingParams, sample_from_logi
 METHODS = ("ours", "hf", "nanogpt")
 
 
-def run_ours(model, prompts: torch.Tensor, n_new: int, vocab: int):
+def run_ours(model, prompts: torch.Tensor, n_new: int, vocab: int, compiled=None):
     """Ours as the engine runs it: its steps in inference_kernels (the whole run here, where
-    nothing else computes meanwhile; HF's runs keep PyTorch's defaults)."""
+    nothing else computes meanwhile; HF's runs keep PyTorch's defaults). compiled: a
+    serve.compiled_step.CompiledDecode of the model (`pcgpt serve --compile`) for batch 1, whose
+    cache the run uses."""
     with inference_kernels(model.lm_head.weight):
-        return _run_ours(model, prompts, n_new, vocab)
+        return _run_ours(model, prompts, n_new, vocab, compiled)
 
 
 @torch.no_grad()
-def _run_ours(model, prompts: torch.Tensor, n_new: int, vocab: int):
+def _run_ours(model, prompts: torch.Tensor, n_new: int, vocab: int, compiled=None):
     B, S = prompts.shape
     stamps = [time.perf_counter()]
-    cache = model.new_cache(B, max_len=S + n_new)
+    cache = model.new_cache(B, max_len=S + n_new) if compiled is None else compiled.cache
+    step = functools.partial(decode_step, model) if compiled is None else (
+        lambda token, pos, cache, kv_len: compiled(token, pos, kv_len))
     greedy = BatchSampling.from_params([SamplingParams(temperature=0.0)] * B, prompts.device)
     gens = [None] * B
     slots = torch.arange(B)
@@ -56,7 +60,7 @@ def _run_ours(model, prompts: torch.Tensor, n_new: int, vocab: int):
         stamps.append(time.perf_counter())
         if i + 1 == n_new:
             break
-        logits, _ = decode_step(model, token, pos, cache, kv_len=kv_len_bucket(S + i + 1, cache.max_len))
+        logits, _ = step(token, pos, cache, kv_len=kv_len_bucket(S + i + 1, cache.max_len))
         pos += 1
     return torch.stack(out, 1), stamps
 

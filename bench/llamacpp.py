@@ -143,10 +143,10 @@ def load_ours(fmt: str):
     return model
 
 
-def run_ours(model, batch: int, prompt: int, new: int) -> float:
+def run_ours(model, batch: int, prompt: int, new: int, compiled=None) -> float:
     from bench.decode import run_ours as decode, summarise
     prompts = torch.randint(0, 50257, (batch, prompt), generator=torch.Generator().manual_seed(batch))
-    _, stamps = decode(model, prompts, new, 50257)
+    _, stamps = decode(model, prompts, new, 50257, compiled)
     return summarise(stamps, batch)["decode_tok_s"]
 
 
@@ -165,6 +165,8 @@ def main(argv=None):
     # fewer batches and tokens (the Makefile's second command)
     p.add_argument("--types", default="f32,f16,bf16,q8_0", help=f"some of {','.join(GGUF_TYPES)}")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    p.add_argument("--compile", action="store_true",
+                   help="also pcgpt with its batch-1 step compiled (`pcgpt serve --compile`), at batch 1")
     p.add_argument("--build-only", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "llamacpp.json"))
     args = p.parse_args(argv)
@@ -180,8 +182,15 @@ def main(argv=None):
     ours = {fmt: load_ours(fmt) for fmt in dict.fromkeys(OURS_FOR[k] for k in kinds)}
     for model in ours.values():  # warm-up: first-call paths
         run_ours(model, 1, 4, 2)
+    compiled = {}  # "<format>+compile" -> (model, its compiled batch-1 step), measured at batch 1
+    if args.compile and 1 in batches:
+        from pcgpt.serve.compiled_step import CompiledDecode, compile_supported
+        for fmt, model in ours.items():
+            if compile_supported(model) is None:
+                compiled[f"{fmt}+compile"] = (model, CompiledDecode(model, model.new_cache(1, args.prompt + args.new_tokens)))
+                log(f"pcgpt {fmt}: batch-1 step compiled in {compiled[f'{fmt}+compile'][1].compile_seconds:.0f} s")
     llama = {k: {b: [] for b in batches} for k in kinds}
-    mine = {f: {b: [] for b in batches} for f in ours}
+    mine = {f: {b: [] for b in batches} for f in ours} | {f: {1: []} for f in compiled}
     for r in range(args.repeats):
         for kind in kinds:
             for b, v in run_llamacpp(kind, args.threads, args.prompt, args.new_tokens, batches).items():
@@ -191,6 +200,9 @@ def main(argv=None):
             for b in batches:
                 mine[fmt][b].append(run_ours(model, b, args.prompt, args.new_tokens))
             log(f"repeat {r} pcgpt {fmt}: {[mine[fmt][b][-1] for b in batches]}")
+        for name, (model, step) in compiled.items():
+            mine[name][1].append(run_ours(model, 1, args.prompt, args.new_tokens, step))
+            log(f"repeat {r} pcgpt {name}: {mine[name][1][-1]}")
     # contended: two busy loops beside a batch-1 run of each
     busy = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(2)]
     for proc in busy:
@@ -201,6 +213,8 @@ def main(argv=None):
             contended[f"llama.cpp {kind}"] = run_llamacpp(kind, args.threads, args.prompt, args.new_tokens // 4, (1,))[1]
         for fmt, model in ours.items():
             contended[f"pcgpt {fmt}"] = run_ours(model, 1, args.prompt, args.new_tokens // 4)
+        for name, (model, step) in compiled.items():
+            contended[f"pcgpt {name}"] = run_ours(model, 1, args.prompt, args.new_tokens // 4, step)
     finally:
         for proc in busy:
             proc.terminate()
@@ -213,7 +227,7 @@ def main(argv=None):
               "contended_batch1_tok_s": contended}
     Path(args.out).write_text(json.dumps(result, indent=2))
     for b in batches:
-        cells = [f"pcgpt {f} {statistics.median(mine[f][b]):.0f}" for f in ours] + \
+        cells = [f"pcgpt {f} {statistics.median(mine[f][b]):.0f}" for f in mine if b in mine[f]] + \
                 [f"llama.cpp {k} {statistics.median(llama[k][b]):.0f}" for k in kinds]
         print(f"batch {b}: " + ", ".join(cells))
     print(f"contended batch 1: {json.dumps({k: round(v, 1) for k, v in contended.items()})}")
