@@ -20,6 +20,7 @@ position 0, which the slot's next prefill overwrites.
 
 import logging
 import time
+import warnings
 
 import torch
 
@@ -64,7 +65,10 @@ class CompiledDecode:
         saved = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = True
         try:
-            with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            # weights frozen for this compile; inductor's autotuning tables stay out of the server's log
+            quiet = dict(autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
+            with torch.no_grad(), torch._inductor.config.patch(freezing=True, **quiet), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
                 for kv_len in warmup_windows(cache.max_len):
                     self.compiled(tokens, positions, kv_len)
         finally:
