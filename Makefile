@@ -56,6 +56,8 @@ bench-llamacpp: $(DEV_STAMP)
 	nice -n 10 $(BIN)/python -m bench.llamacpp
 	nice -n 10 $(BIN)/python -m bench.llamacpp --types q4_0 --batches 1,4 --new-tokens 32 \
 		--out bench/results/llamacpp_q4.json
+	nice -n 10 $(BIN)/python -m bench.llamacpp --types f32,f16,q8_0 --batches 1 --compile \
+		--out bench/results/llamacpp_compile.json
 	nice -n 10 $(BIN)/python -m bench.llamacpp_profile
 
 clean:

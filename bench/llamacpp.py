@@ -17,7 +17,8 @@
    q4_0, the methods interleaved in each repeat.
    Then a contended column at batch 1: the same with two busy loops on the machine.
 Writes bench/results/llamacpp.json (--out). `make bench-llamacpp` runs it for f32 / f16 / bf16 /
-q8_0, again for q4_0 at batch 1 and 4 (into llamacpp_q4.json), then bench.llamacpp_profile.
+q8_0, again for q4_0 at batch 1 and 4 (into llamacpp_q4.json), at batch 1 with --compile (into
+llamacpp_compile.json), then bench.llamacpp_profile.
 `make test` does not use any of this.
 """
 
