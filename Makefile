@@ -31,8 +31,10 @@ install: $(DEV_STAMP)
 
 # System packages the tests need: Debian's prometheus (with promtool) for tests/test_deploy.py,
 # Debian's chromium for tests/test_playground.py; Debian's nginx for tests/test_replicas.py and
-# bench/replicas.py (the load balancer).
+# bench/replicas.py (the load balancer); a C++ compiler for torch.compile's CPU kernels
+# (tests/test_compiled_step.py, `pcgpt serve --compile`).
 deps-system:
+	command -v g++ >/dev/null || (apt-get update && apt-get install -y --no-install-recommends g++)
 	command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		(apt-get update && apt-get install -y --no-install-recommends prometheus)
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)

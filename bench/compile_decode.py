@@ -17,6 +17,7 @@ Writes bench/results/compile_decode.json.
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -53,7 +54,6 @@ def make_step(model, how: str):
 def time_steps(step, cache, batch: int, steps: int, served: bool) -> float:
     """The served step runs in inference_kernels as the engine runs it; compiled ones as they are
     (inductor picks their kernels)."""
-    import contextlib
     from pcgpt.model.formats import inference_kernels
     tokens = torch.randint(0, 50257, (batch,), generator=torch.Generator().manual_seed(batch))
     pos = torch.full((batch,), 16, dtype=torch.long)

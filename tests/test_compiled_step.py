@@ -57,4 +57,4 @@ def test_compile_does_not_apply_to_pc_or_quantized_models(models):
     quantize(quantized, Quantization("int8"))
     assert "quantized" in compile_supported(quantized)
     engine = _engine(models["pc"], models["tokenizer"], compile_decode=True)
-    assert engine.runner.compiled is None
+    assert engine.runner.compiled is None and "PC" in engine.runner.compile_skipped

@@ -47,6 +47,11 @@ def compile_supported(model) -> str | None:
         return "PC models settle with data-dependent steps"
     if getattr(model, "quantization", None) is not None:
         return "quantized weights have their own kernels"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()  # inductor's own search (CXX, then g++ / clang++ on PATH)
+    except Exception:
+        return "torch.compile's CPU kernels need a C++ compiler (g++ or clang++) on PATH"
     return None
 
 

@@ -19,7 +19,6 @@ import time
 import torch
 
 from pcgpt.model.formats import inference_kernels
-from pcgpt.serve.compiled_step import compile_supported
 from pcgpt.serve.output import OutputProcessor
 from pcgpt.serve.request import DoneEvent, ErrorEvent, Request, TokenEvent, deliver_to_loops  # noqa: F401  (the API)
 from pcgpt.serve.runner import ModelRunner, StepResult
@@ -55,8 +54,8 @@ class Engine:
                      self.runner.graphs.buckets, time.perf_counter() - started)
         if self.runner.compiled is not None:
             log.info("%s: compiled the batch-1 decode step in %.1f s", name, self.runner.compiled.compile_seconds)
-        elif compile_decode:
-            log.info("%s: --compile does not apply: %s", name, compile_supported(model))
+        elif self.runner.compile_skipped:
+            log.info("%s: --compile does not apply: %s", name, self.runner.compile_skipped)
         self._children: dict = {}  # metrics series -> this model's labelled child (_series)
         self.output = OutputProcessor(tokenizer, self.block_size, stream_interval, self._emit,
                                       self._series if metrics else None)

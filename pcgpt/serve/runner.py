@@ -96,10 +96,12 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.cache, self.last_tokens, self.positions,
                                        self.settle if self.is_pc else None)
         # CPU: the batch-1 step compiled here, at start (serve/compiled_step.py); None where it is
-        # off or does not apply (compile_supported says why)
-        self.compiled = None
-        if compile_decode and compile_supported(model) is None:
-            self.compiled = CompiledDecode(model, self.cache)
+        # off or does not apply (then compile_skipped says why)
+        self.compiled = self.compile_skipped = None
+        if compile_decode:
+            self.compile_skipped = compile_supported(model)
+            if self.compile_skipped is None:
+                self.compiled = CompiledDecode(model, self.cache)
 
     # --- admission and release -------------------------------------------------------------------
 
